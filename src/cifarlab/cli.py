@@ -1,0 +1,274 @@
+"""The ``cifarlab`` command: parse, call the library, map errors to exit codes.
+
+Heavy modules (torch) are imported inside commands so that ``cifarlab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cifarlab import __version__
+from cifarlab.errors import CifarlabError
+
+MODEL_NAMES = ("airnet", "resnet18", "tutorial")  # kept equal to list_models() by a test
+
+
+def _data_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--data", "data", type=click.Path(path_type=Path), default=None,
+                     help="Dataset: cifar-10-python.tar.gz, cifar-10-batches-py/, or an "
+                          "image-folder tree or .tar/.tar.gz/.zip of one. Default: "
+                          "$CIFARLAB_DATA, then the user cache (downloading CIFAR-10)."),
+        click.option("--image-size", type=click.IntRange(8), default=None,
+                     help="Resize (center-crop + resize) images that are not this size "
+                          "[default: 32; for evaluate, the run's]."),
+        click.option("--skip-bad", is_flag=True,
+                     help="Skip corrupt images and list them instead of failing."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _data_config(data: Path | None, image_size: int | None, skip_bad: bool) -> Any:
+    from cifarlab.config import DataConfig
+
+    return DataConfig(source=str(data) if data else None, image_size=image_size or 32,
+                      skip_bad=skip_bad)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cifarlab")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+def cli(verbose: bool) -> None:
+    """cifarlab: tune, train, diagnose and serve image classifiers."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# -------------------------------------------------------------------------------- train
+
+
+@cli.command()
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="airnet", show_default=True)
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+              help="A config.json (e.g. from a run folder); options given here override it.")
+@_data_options
+@click.option("--val-size", type=int, default=None, help="Validation images taken from train "
+              "(default 5000; 0 trains on every training image).")
+@click.option("--train-fraction", type=float, default=None, help="Stratified subsample of train.")
+@click.option("--epochs", type=float, default=None, help="Epochs (fractions allowed).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Learning rate per 1024 examples "
+              "(decoupled from momentum).")
+@click.option("--momentum", type=float, default=None, help="Nesterov momentum.")
+@click.option("--weight-decay", type=float, default=None, help="Per 1024 examples, "
+              "decoupled from lr.")
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--warmup-frac", type=float, default=None, help="Fraction of steps to peak lr.")
+@click.option("--width", type=float, default=None, help="Width multiplier.")
+@click.option("--cutout", type=int, default=None, help="Cutout square side in pixels (0 = off).")
+@click.option("--translate", type=int, default=None, help="Random-crop translation in pixels.")
+@click.option("--flip/--no-flip", default=None, help="Alternating horizontal flip.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=None,
+              help="auto = bf16 where the hardware has bf16 units.")
+@click.option("--channels-last/--no-channels-last", default=None)
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--tta", type=click.IntRange(0, 2), default=None,
+              help="Test-time augmentation: 0 none, 1 mirror, 2 mirror + translate.")
+@click.option("--seed", type=int, default=None)
+@click.option("--name", default=None, help="Run folder name (default: <model>-<timestamp>).")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"),
+              show_default=True)
+@click.option("--no-test", is_flag=True, help="Do not evaluate on the test split at the end.")
+@click.option("-q", "--quiet", is_flag=True, help="No per-epoch table or progress bar.")
+def train(model: str, config_file: Path | None, data: Path | None, image_size: int | None,
+          skip_bad: bool, runs_dir: Path, name: str | None, no_test: bool, quiet: bool,
+          **overrides: Any) -> None:
+    """Train a model and write a run folder (config, weights, metrics, summary)."""
+    from cifarlab.config import TrainConfig
+    from cifarlab.models import get_spec
+    from cifarlab.runs import default_run_name
+    from cifarlab.train import EpochTable
+    from cifarlab.train import train as run_training
+
+    if config_file is not None:
+        try:
+            cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
+        except json.JSONDecodeError as exc:
+            raise CifarlabError(f"{config_file}: not valid JSON ({exc}).") from exc
+    else:
+        cfg = TrainConfig(model=model)
+        for k, v in get_spec(model).recipe.items():
+            setattr(cfg.optim, k, v)
+    if data is not None or config_file is None:
+        cfg.data.source = str(data) if data else cfg.data.source
+    cfg.data.image_size = image_size or cfg.data.image_size
+    cfg.data.skip_bad = skip_bad or cfg.data.skip_bad
+    sections = {"val_size": cfg.data, "train_fraction": cfg.data, "cutout": cfg.aug,
+                "translate": cfg.aug, "flip": cfg.aug}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        target = sections.get(key, cfg if hasattr(cfg, key) else cfg.optim)
+        setattr(target, key, value)
+    cfg.validate()
+    run_dir = runs_dir / (name or default_run_name(cfg.model))
+    callbacks = [] if quiet else [EpochTable()]
+    result = run_training(cfg, callbacks, run_dir=run_dir, evaluate_test=not no_test,
+                          progress=not quiet)
+    for label, loss, acc in (("val", result.val_loss, result.val_acc),
+                             ("test", result.test_loss, result.test_acc)):
+        if acc is not None:
+            click.echo(f"{label}: loss {loss:.4f}  accuracy {acc * 100:.2f}%"
+                       + (f" (tta={cfg.tta})" if cfg.tta else ""))
+    click.echo(f"trained in {result.train_seconds:.1f} s ({result.precision}, {result.device})")
+    if result.stopped_early:
+        click.echo(f"stopped early: {result.stopped_early}")
+    click.echo(f"run folder: {run_dir}")
+
+
+# ----------------------------------------------------------------------- evaluate / predict
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@_data_options
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--tta", type=click.IntRange(0, 2), default=None, help="Default: the run's.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(run: Path, data: Path | None, image_size: int | None, skip_bad: bool, split: str,
+             tta: int | None, device: str, as_json: bool) -> None:
+    """Evaluate a run folder on a dataset's test (or train) split."""
+    from cifarlab.data import prepare
+    from cifarlab.runs import evaluate_run, load_run
+
+    loaded = load_run(run)
+    source = str(data) if data else loaded.config.data.source
+    prepared = prepare(source, _data_config(None, image_size or loaded.image_size, skip_bad))
+    ds = prepared.test if split == "test" else prepared.train
+    out = evaluate_run(loaded, ds, tta=tta, device=device)
+    out["split"] = split
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"{run}: {split} loss {out['loss']:.4f}  accuracy "
+                   f"{out['accuracy'] * 100:.2f}% on {out['images']} images (tta={out['tta']})")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-k", "--top-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> None:
+    """Print the top-k classes of image files (any common format and size)."""
+    from cifarlab.runs import predict_files
+
+    for img in images:
+        if not img.is_file():
+            raise CifarlabError(f"{img}: no such image file.")
+    results = predict_files(run, list(images), top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        tops = "  ".join(f"{t['class']} {t['probability'] * 100:5.1f}%" for t in r["top"])
+        click.echo(f"{r['file']}: {tops}")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@cli.group()
+def data() -> None:
+    """Inspect and export datasets."""
+
+
+@data.command("info")
+@_data_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def data_info(data: Path | None, image_size: int | None, skip_bad: bool, as_json: bool) -> None:
+    """Counts per class, image size, per-channel mean and std (of the train split)."""
+    from cifarlab.data import channel_stats, prepare
+
+    p = prepare(None, _data_config(data, image_size, skip_bad))
+    mean, std = channel_stats(p.train.images)
+    info = {
+        "source": p.source,
+        "data_sha256": p.data_sha256,
+        "image_size": list(p.train.images.shape[1:]),
+        "classes": p.train.classes,
+        "train_counts": p.train.class_counts(),
+        "test_counts": p.test.class_counts(),
+        "mean": mean,
+        "std": std,
+        "skipped": p.skipped,
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    h, w, c = info["image_size"]
+    click.echo(f"source: {p.source}\nsha256: {p.data_sha256}\nimages: {h}x{w}x{c}, "
+               f"{len(p.train)} train, {len(p.test)} test")
+    click.echo(f"{'class':<16}{'train':>8}{'test':>8}")
+    for name, a, b in zip(p.train.classes, info["train_counts"], info["test_counts"], strict=True):
+        click.echo(f"{name:<16}{a:>8}{b:>8}")
+    click.echo("mean (R,G,B): " + ", ".join(f"{v:.4f}" for v in mean))
+    click.echo("std  (R,G,B): " + ", ".join(f"{v:.4f}" for v in std))
+    for s in p.skipped:
+        click.echo(f"skipped: {s}")
+
+
+@data.command("export")
+@_data_options
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path),
+              help="Folder to write train/<class>/*.png and test/<class>/*.png into.")
+def data_export(data: Path | None, image_size: int | None, skip_bad: bool, to: Path) -> None:
+    """Write every image as PNG in class folders."""
+    from cifarlab.data import export_png, prepare
+
+    p = prepare(None, _data_config(data, image_size, skip_bad))
+    n = export_png(p, to)
+    click.echo(f"wrote {n} PNG files under {to}")
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List the registered models."""
+    from cifarlab.models import get_spec, list_models
+
+    for name in list_models():
+        click.echo(f"{name:<10} {get_spec(name).description}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become a message and a non-zero exit, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="cifarlab", standalone_mode=False)
+    except CifarlabError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The one configuration format: typed dataclasses, stored in every run as ``asdict(config)``.
+
+Optimizer hyperparameters use airbench's *decoupled* form, so that each can be tuned on its own:
+``lr`` is the step size per 1024 examples independent of momentum, and ``weight_decay`` is the
+decay per 1024 examples independent of ``lr``. See :func:`cifarlab.train.build_optimizer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cifarlab.errors import ConfigError
+
+__all__ = ["AugConfig", "DataConfig", "OptimConfig", "TrainConfig"]
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None  # None: --data, then $CIFARLAB_DATA, then the user cache
+    image_size: int = 32
+    val_size: int = 5000  # taken from train, stratified; 0 trains on every training image
+    train_fraction: float = 1.0  # stratified subsample of train (a tuning fidelity)
+    test_fraction: float = 0.2  # for image trees that ship no test split
+    skip_bad: bool = False
+    seed: int = 0  # seeds the validation, test and subsample splits
+
+
+@dataclass
+class OptimConfig:
+    epochs: float = 9.9
+    batch_size: int = 1024
+    lr: float = 11.5  # per 1024 examples, decoupled from momentum
+    momentum: float = 0.85  # Nesterov
+    weight_decay: float = 0.0153  # per 1024 examples, decoupled from lr
+    bias_scaler: float = 64.0  # lr multiplier (not wd) for BatchNorm biases
+    label_smoothing: float = 0.2
+    warmup_frac: float = 0.23  # fraction of steps to reach the peak lr (triangular schedule)
+    lr_start: float = 0.2  # schedule factor at step 0
+    lr_end: float = 0.07  # schedule factor at the last step
+    ema: bool = True  # lookahead-style weight averaging in the last part of training
+    ema_start_frac: float = 0.3
+
+
+@dataclass
+class AugConfig:
+    flip: bool = True  # alternating flip: each image is mirrored on every other epoch
+    translate: int = 2  # random crop from a reflect-padded image, in pixels
+    cutout: int = 0  # side of a zeroed square, 0 = off
+
+
+@dataclass
+class TrainConfig:
+    model: str = "airnet"
+    width: float = 1.0
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 where the hardware has bf16 units
+    channels_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1px translations
+    seed: int = 0
+    eval_every: int = 1  # evaluate on the validation split every N epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """Build a config from a plain dict, naming any unknown or mistyped key."""
+        return _from_dict(cls, raw, "config")
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the first value that cannot work."""
+        checks: list[tuple[bool, str]] = [
+            (self.optim.epochs > 0, "optim.epochs must be > 0"),
+            (self.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 <= self.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (0 <= self.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
+            (0 <= self.optim.warmup_frac < 1, "optim.warmup_frac must be in [0, 1)"),
+            (self.width > 0, "width must be > 0"),
+            (self.data.image_size >= 8, "data.image_size must be >= 8"),
+            (self.data.val_size >= 0, "data.val_size must be >= 0"),
+            (0 < self.data.train_fraction <= 1, "data.train_fraction must be in (0, 1]"),
+            (0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
+            (self.aug.translate >= 0, "aug.translate must be >= 0"),
+            (self.aug.cutout >= 0, "aug.cutout must be >= 0"),
+            (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+            (self.tta in (0, 1, 2), "tta must be 0, 1 or 2"),
+            (self.eval_every >= 1, "eval_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"Invalid configuration: {message}.")
+        return self
+
+
+def _from_dict(cls: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(fields)}."
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, default, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}.")

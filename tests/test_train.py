@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifarlab.config import DataConfig, TrainConfig
+from cifarlab.data import load_data
+from cifarlab.errors import ConfigError, RunError
+from cifarlab.runs import evaluate_run, load_run, predict_files
+from cifarlab.train import Callback, GpuLoader, Normalizer, evaluate, train
+
+
+def small_config(source, **optim) -> TrainConfig:
+    cfg = TrainConfig(model="airnet", width=0.25, precision="fp32", tta=1)
+    cfg.data = DataConfig(source=str(source), val_size=40)
+    cfg.optim.batch_size = 64
+    cfg.optim.epochs = 6
+    for k, v in optim.items():
+        setattr(cfg.optim, k, v)
+    return cfg
+
+
+def test_learns_a_small_synthetic_dataset_to_near_perfect_accuracy(learnable, tmp_path):
+    result = train(small_config(learnable), run_dir=tmp_path / "run", progress=False)
+    assert result.test_acc is not None and result.test_acc >= 0.97, result.history
+    assert result.val_acc >= 0.95
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_same_seed_same_weights_different_seed_different(learnable):
+    cfgs = [small_config(learnable, epochs=1.0) for _ in range(3)]
+    cfgs[2].seed = 1
+    data = load_data(cfgs[0].data)
+    states = [train(c, data=data, evaluate_test=False, progress=False).model.state_dict()
+              for c in cfgs]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_callbacks_see_steps_and_epochs_and_can_stop(learnable):
+    class Recorder(Callback):
+        def __init__(self):
+            self.steps, self.epochs, self.started = [], [], False
+
+        def on_train_start(self, state):
+            self.started = True
+
+        def on_step_end(self, state, loss, inputs, labels):
+            self.steps.append(float(loss))
+            assert inputs.shape[0] == labels.shape[0] == 64
+
+        def on_epoch_end(self, state, metrics):
+            self.epochs.append(metrics)
+            if metrics["epoch"] == 2:
+                state.should_stop, state.stop_reason = True, "enough"
+
+    rec = Recorder()
+    result = train(small_config(learnable), [rec], evaluate_test=False, progress=False)
+    assert rec.started and len(rec.epochs) == 2
+    assert len(rec.steps) == 2 * (440 // 64)
+    assert result.stopped_early == "enough"
+    assert {"train_loss", "val_loss", "val_acc", "seconds"} <= set(rec.epochs[0])
+
+
+def test_loader_augments_whole_batches(learnable):
+    cfg = small_config(learnable)
+    data = load_data(cfg.data)
+    norm = Normalizer(data.mean, data.std, torch.device("cpu"))
+    plain = norm(torch.from_numpy(np.asarray(data.train.images)).permute(0, 3, 1, 2))
+    cfg.aug.translate, cfg.aug.flip = 0, False
+    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    x, _ = next(iter(loader))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert any(torch.allclose(x[0], p) for p in plain)  # no augmentation: unchanged images
+
+    cfg.aug.flip = True
+    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    idx = torch.arange(8)
+    even = loader._augment(loader.images[idx], idx)
+    loader.epoch = 1
+    odd = loader._augment(loader.images[idx], idx)
+    for i in range(8):  # every image is mirrored on exactly one of two consecutive epochs
+        flipped = [torch.equal(v[i], plain[i].flip(-1)) for v in (even, odd)]
+        same = [torch.equal(v[i], plain[i]) for v in (even, odd)]
+        assert sorted(flipped) == [False, True] and sorted(same) == [False, True]
+
+    cfg.aug.flip, cfg.aug.translate = False, 2
+    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    shifted = loader._augment(loader.images[idx], idx)
+    padded = torch.nn.functional.pad(plain[:8], (2, 2, 2, 2), mode="reflect")
+    for i in range(8):  # each output is one of the 25 crops of its padded image
+        crops = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(shifted[i], c) for c in crops)
+
+    cfg.aug.translate, cfg.aug.cutout = 0, 8
+    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    cut = loader._augment(loader.images[idx], idx)
+    zeros = (cut == 0).all(dim=1).sum(dim=(1, 2))
+    assert ((zeros >= 16) & (zeros <= 64)).all()  # an 8×8 hole, clipped at the border
+
+
+def test_evaluate_uses_eval_mode_and_restores_it(learnable):
+    cfg = small_config(learnable, epochs=0.5)
+    data = load_data(cfg.data)
+    model = train(cfg, data=data, evaluate_test=False, progress=False).model
+    model.train()
+    l1, a1 = evaluate(model, data.test, data.mean, data.std)
+    assert model.training  # restored
+    l2, a2 = evaluate(model, data.test, data.mean, data.std)
+    assert (l1, a1) == (l2, a2)  # BatchNorm used running stats, not batch stats
+
+
+def test_run_folder_reloads_to_identical_predictions(learnable, tmp_path):
+    run_dir = tmp_path / "runs" / "r1"
+    cfg = small_config(learnable, epochs=1.0)
+    result = train(cfg, run_dir=run_dir, progress=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "config.json", "metrics.jsonl", "model.safetensors", "summary.json"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("val_acc", "test_acc", "val_loss", "test_loss", "train_seconds", "data_sha256",
+                "classes", "versions"):
+        assert summary[key] is not None, key
+    assert summary["versions"]["torch"] == torch.__version__
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1
+    assert load_file(str(run_dir / "model.safetensors"))  # plain tensors, no pickle
+
+    run = load_run(run_dir)
+    assert run.config == cfg and not run.model.training
+    data = load_data(cfg.data)
+    out = evaluate_run(run, data.test, device="cpu")
+    assert out["accuracy"] == pytest.approx(result.test_acc)
+    assert out["loss"] == pytest.approx(result.test_loss, rel=1e-5)
+
+
+def test_predict_files_any_size_and_format(learnable, tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    train(small_config(learnable, epochs=4.0), run_dir=run_dir, progress=False)
+    data = load_data(DataConfig(source=str(learnable)))
+    big = Image.fromarray(np.asarray(data.test.images[0])).resize((97, 97))
+    big.save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(np.asarray(data.test.images[-1])).convert("RGBA").save(tmp_path / "b.png")
+    out = predict_files(run_dir, [tmp_path / "a.jpg", tmp_path / "b.png"], top_k=2)
+    assert [len(o["top"]) for o in out] == [2, 2]
+    assert out[0]["top"][0]["class"] == data.classes[data.test.labels[0]]
+    assert out[1]["top"][0]["class"] == data.classes[data.test.labels[-1]]
+    assert out[0]["top"][0]["probability"] >= out[0]["top"][1]["probability"]
+
+
+def test_bad_runs_and_configs_are_reported(tmp_path, learnable):
+    with pytest.raises(RunError, match="no such run folder"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(RunError, match="missing summary.json"):
+        load_run(tmp_path / "half")
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        train(small_config(learnable, lr=-1.0), progress=False)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) lrr"):
+        TrainConfig.from_dict({"optim": {"lrr": 1}})
+    with pytest.raises(ConfigError, match=r"config.optim.epochs: expected float"):
+        TrainConfig.from_dict({"optim": {"epochs": "ten"}})
+
+
+@pytest.mark.parametrize("name", ["tutorial", "resnet18"])
+def test_other_models_train_a_step(name, learnable):
+    cfg = small_config(learnable, epochs=0.2)
+    cfg.model, cfg.width = name, 0.125
+    result = train(cfg, evaluate_test=False, progress=False)
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_bf16_autocast_trains(learnable):
+    cfg = small_config(learnable, epochs=0.3)
+    cfg.precision = "bf16"
+    result = train(cfg, evaluate_test=False, progress=False)
+    assert result.precision == "bf16" and np.isfinite(result.val_loss)
+
+
+def test_tiny_dataset_smaller_than_a_batch(tmp_path):
+    from conftest import synthetic_images, write_tree
+
+    x, y = synthetic_images(3)
+    write_tree(tmp_path / "t", x, y, "train")
+    cfg = small_config(tmp_path / "t", epochs=1.0)
+    cfg.data.val_size = 0
+    result = train(cfg, progress=False)
+    assert len(result.history) == 1 and result.test_acc is not None
