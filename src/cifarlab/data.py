@@ -524,6 +524,11 @@ def load_data(cfg: DataConfig | None = None, source: str | None = None) -> Split
     prepared = prepare(source, cfg)
     train, val = prepared.train, None
     if cfg.val_size > 0:
+        if cfg.val_size >= len(train):
+            raise DataError(
+                f"val_size={cfg.val_size} leaves nothing to train on: {prepared.source} has "
+                f"{len(train)} training images. Pass a smaller --val-size (0 disables it)."
+            )
         keep, held = stratified_split(train.labels, cfg.val_size, cfg.seed)
         train, val = train.subset(keep), train.subset(held)
     if cfg.train_fraction < 1.0:

@@ -186,7 +186,10 @@ class AirNet(nn.Module):
         return self.whiten.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.whiten(x))
+        # The stem always runs in fp32: its filters scale the weakest patch directions by up
+        # to 1/sqrt(eps) ≈ 45, which amplifies bf16 input rounding into noise. It is tiny.
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.act(self.whiten(x.float()))
         x = self.block3(self.block2(self.block1(x)))
         x = torch.flatten(self.pool(x), 1)
         return self.head(x) * self.scale

@@ -391,8 +391,11 @@ def train(
     t_train = time.perf_counter()
     init = getattr(model, "init_from_data", None)
     if callable(init):
-        n = min(5000, len(data.train))
-        init(norm(to_device_images(data.train.images[:n], device)))
+        # A seeded random sample: splits are stored sorted by class, so a prefix would be
+        # one class only and would whiten for, say, airplanes and sky.
+        rng = np.random.default_rng(config.seed)
+        pick = np.sort(rng.permutation(len(data.train))[:5000])
+        init(norm(to_device_images(data.train.images[pick], device)))
     train_seconds = time.perf_counter() - t_train
 
     lookahead: _Lookahead | None = None
