@@ -241,6 +241,39 @@ def data_export(data: Path | None, image_size: int | None, skip_bad: bool, to: P
     click.echo(f"wrote {n} PNG files under {to}")
 
 
+@data.command("dupes")
+@_data_options
+@click.option("--by", type=click.Choice(["pixels", "files"]), default="pixels", show_default=True,
+              help="Compare SHA-256 of decoded pixels, or of the source files' bytes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--show", type=int, default=10, show_default=True,
+              help="How many groups of each kind to list in the text report.")
+def data_dupes(data: Path | None, image_size: int | None, skip_bad: bool, by: str,
+               as_json: bool, show: int) -> None:
+    """Exact duplicates within each split and test images that also appear in train."""
+    from cifarlab.data import prepare
+    from cifarlab.dupes import find_duplicates
+
+    report = find_duplicates(prepare(None, _data_config(data, image_size, skip_bad)), by=by)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    s = report["summary"]
+    click.echo(f"source: {report['source']}  (compared by SHA-256 of {by})")
+    click.echo(f"train: {s['train_duplicate_groups']} groups of identical images; "
+               f"test: {s['test_duplicate_groups']}; test images also in train: "
+               f"{s['test_images_in_train']}; groups with conflicting labels: "
+               f"{s['groups_with_conflicting_labels']}")
+    for split in ("train", "test"):
+        for g in report["within"][split][:show]:
+            click.echo(f"  {split} duplicates: " + ", ".join(f"{e['file']} ({e['label']})"
+                                                          for e in g))
+    for leak in report["across"][:show]:
+        click.echo(f"  leak: test {leak['test']} ({leak['test_label']}) = train "
+                   + ", ".join(leak["train"]))
+    click.echo(f"note: {report['note']}")
+
+
 @cli.command("models")
 def models_cmd() -> None:
     """List the registered models."""

@@ -25,13 +25,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cifarlab.config import DataConfig
 from cifarlab.errors import DataError
 from cifarlab.imaging import IMAGE_SUFFIXES, decode_image
+
+if TYPE_CHECKING:
+    from cifarlab.index import ContentIndex
 
 __all__ = [
     "CIFAR10_MD5",
@@ -54,17 +57,24 @@ log = logging.getLogger(__name__)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_TARBALL = "cifar-10-python.tar.gz"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: SHA-256 fingerprints and their indexes
 
 
 @dataclass
 class Dataset:
-    """Images N×H×W×C uint8 (possibly memory-mapped), labels N int64, class names, filenames."""
+    """Images N×H×W×C uint8 (possibly memory-mapped), labels N int64, class names, filenames.
+
+    ``file_sha256`` and ``pixel_sha256`` (N×32 uint8) fingerprint each image: the SHA-256 of its
+    source file's bytes (for the python release, of its 3072-byte record) and of its decoded
+    pixels. Datasets built by hand may leave them ``None``.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     classes: list[str]
     filenames: list[str]
+    file_sha256: np.ndarray | None = None
+    pixel_sha256: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,6 +86,8 @@ class Dataset:
             self.labels[idx],
             self.classes,
             [self.filenames[i] for i in idx],
+            None if self.file_sha256 is None else self.file_sha256[idx],
+            None if self.pixel_sha256 is None else self.pixel_sha256[idx],
         )
 
     def class_counts(self) -> list[int]:
@@ -91,6 +103,19 @@ class PreparedData:
     source: str
     data_sha256: str  # SHA-256 of the decoded arrays (images and labels of both splits)
     skipped: list[str] = field(default_factory=list)
+    cache: Path | None = None  # the cache folder holding files.cidx and pixels.cidx
+
+    def fingerprint_index(self, kind: str = "pixels") -> ContentIndex:
+        """The saved index of ``pixels`` or ``files`` digests.
+
+        Values are row numbers counting the train split first, then test; a digest held by
+        several images maps to the first of them.
+        """
+        from cifarlab.index import ContentIndex
+
+        if self.cache is None:
+            raise DataError("this dataset was not prepared through the cache; no index saved.")
+        return ContentIndex.open(self.cache / f"{kind}.cidx")
 
 
 @dataclass
@@ -216,7 +241,7 @@ def _unpickle_batch(raw: bytes, name: str) -> dict[str, Any]:
     return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
-def _parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     d = _unpickle_batch(raw, name)
     for key in ("data", "labels"):
         if key not in d:
@@ -230,7 +255,8 @@ def _parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray, list[st
     raw_names = d.get("filenames") or [f"{i:05d}.png" for i in range(len(data))]
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw_names]
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes -> N×H×W×C
-    return np.ascontiguousarray(images), labels, names
+    records = _sha256_rows(np.ascontiguousarray(data))
+    return np.ascontiguousarray(images), labels, names, records
 
 
 def _read_cifar_python(files: dict[str, Callable[[], bytes]], origin: str) -> PreparedData:
@@ -258,6 +284,7 @@ def _read_cifar_python(files: dict[str, Callable[[], bytes]], origin: str) -> Pr
             labels,
             classes,
             [f for p in parts for f in p[2]],
+            file_sha256=np.concatenate([p[3] for p in parts]),
         )
 
     return PreparedData(read(train_names), read(["test_batch"]), origin, "")
@@ -313,12 +340,14 @@ def _decode_entries(entries: list[_Entry], origin: str, cfg: DataConfig) -> Prep
         raise DataError(f"{origin}: test classes {extra} have no training images.")
     index = {c: i for i, c in enumerate(train_classes)}
     entries = sorted(entries, key=lambda e: (e.split, index[e.cls], e.name))
-    images, skipped, keep = [], [], []
+    images, skipped, keep, file_hashes = [], [], [], []
     from tqdm.auto import tqdm
 
     for e in tqdm(entries, desc="decoding", unit="img", leave=False, disable=None):
         try:
-            images.append(decode_image(e.read(), cfg.image_size, name=e.name))
+            raw = e.read()
+            images.append(decode_image(raw, cfg.image_size, name=e.name))
+            file_hashes.append(hashlib.sha256(raw).digest())
             keep.append(e)
         except DataError as exc:
             if not cfg.skip_bad:
@@ -329,7 +358,8 @@ def _decode_entries(entries: list[_Entry], origin: str, cfg: DataConfig) -> Prep
     labels = np.array([index[e.cls] for e in keep], dtype=np.int64)
     names = [e.name for e in keep]
     is_test = np.array([e.split == "test" for e in keep], dtype=bool)
-    full = Dataset(arr, labels, train_classes, names)
+    fh = np.frombuffer(b"".join(file_hashes), dtype=np.uint8).reshape(-1, 32)
+    full = Dataset(arr, labels, train_classes, names, file_sha256=fh)
     if is_test.any():
         train = full.subset(np.flatnonzero(~is_test))
         test = full.subset(np.flatnonzero(is_test))
@@ -407,6 +437,13 @@ def _source_key(path: Path, cfg: DataConfig) -> str:
     return h.hexdigest()
 
 
+def _sha256_rows(rows: np.ndarray) -> np.ndarray:
+    """SHA-256 of each row's bytes (N×... uint8 -> N×32 uint8)."""
+    flat = np.ascontiguousarray(rows).reshape(len(rows), -1)
+    out = b"".join(hashlib.sha256(r.data).digest() for r in flat)
+    return np.frombuffer(out, dtype=np.uint8).reshape(-1, 32)
+
+
 def _arrays_sha256(train: Dataset, test: Dataset) -> str:
     h = hashlib.sha256()
     for a in (train.images, train.labels, test.images, test.labels):
@@ -430,6 +467,8 @@ def prepare(source: str | os.PathLike[str] | None, cfg: DataConfig | None = None
             log.warning("cache entry %s is unreadable (%s); decoding again", folder, exc)
     data = _read_source(path, cfg)
     data.data_sha256 = _arrays_sha256(data.train, data.test)
+    for ds in (data.train, data.test):
+        ds.pixel_sha256 = _sha256_rows(ds.images)
     _write_cache(folder, data)
     return _open_cached(folder)
 
@@ -441,6 +480,20 @@ def _write_cache(folder: Path, data: PreparedData) -> None:
         for split, ds in (("train", data.train), ("test", data.test)):
             np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(ds.images))
             np.save(tmp / f"{split}_labels.npy", ds.labels.astype(np.int64))
+            if ds.file_sha256 is None or ds.pixel_sha256 is None:  # pragma: no cover
+                raise AssertionError("fingerprints are computed before caching")
+            np.save(tmp / f"{split}_file_sha256.npy", ds.file_sha256)
+            np.save(tmp / f"{split}_pixel_sha256.npy", ds.pixel_sha256)
+        # Fingerprint indexes over both splits. Rows count train first, then test; a digest
+        # maps to the first row holding it (inserted in reverse: the last value given wins).
+        from cifarlab.index import ContentIndex
+
+        rows = np.arange(len(data.train) + len(data.test))
+        for kind in ("file", "pixel"):
+            both = np.concatenate(
+                [getattr(data.train, f"{kind}_sha256"), getattr(data.test, f"{kind}_sha256")])
+            index = ContentIndex.from_digests(both[::-1], values=rows[::-1])
+            index.save(tmp / f"{kind}s.cidx")
         meta = {
             "version": _CACHE_VERSION,
             "source": data.source,
@@ -471,9 +524,12 @@ def _open_cached(folder: Path) -> PreparedData:
             np.load(folder / f"{split}_labels.npy"),
             meta["classes"],
             meta[f"{split}_filenames"],
+            np.load(folder / f"{split}_file_sha256.npy", mmap_mode="r"),
+            np.load(folder / f"{split}_pixel_sha256.npy", mmap_mode="r"),
         )
     return PreparedData(
-        splits["train"], splits["test"], meta["source"], meta["data_sha256"], meta["skipped"]
+        splits["train"], splits["test"], meta["source"], meta["data_sha256"], meta["skipped"],
+        cache=folder,
     )
 
 
