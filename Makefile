@@ -12,7 +12,8 @@ CIFARLAB_DATA ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 export CIFARLAB_DATA
 
 DEMO_EPOCHS ?= 4
-DEMO_RUN    ?= demo-$(shell date +%Y%m%d-%H%M%S)
+# := expands once, so every step of the demo names the same run folder
+DEMO_RUN    := $(or $(DEMO_RUN),demo-$(shell date +%Y%m%d-%H%M%S))
 
 .PHONY: install test lint demo bench clean
 
