@@ -21,8 +21,8 @@ def digests(n: int, seed: int = 0) -> np.ndarray:
 def colliding(home: int, tag: int, salt: int, capacity: int) -> bytes:
     """A digest whose home slot is ``home`` in a table of ``capacity`` and whose tag is ``tag``."""
     h = home + capacity * salt  # same residue modulo the capacity
-    rest = hashlib.sha256(f"{home}/{tag}/{salt}".encode()).digest()[12:]
-    return h.to_bytes(8, "little") + tag.to_bytes(4, "little") + rest
+    rest = hashlib.sha256(f"{home}/{tag}/{salt}".encode()).digest()[10:]
+    return h.to_bytes(8, "little") + tag.to_bytes(2, "little") + rest
 
 
 def check_invariants(idx: ContentIndex, model: dict[bytes, int]) -> None:
@@ -33,16 +33,19 @@ def check_invariants(idx: ContentIndex, model: dict[bytes, int]) -> None:
         assert idx.lookup(arr).tolist() == [model[k] for k in keys]
         assert all(idx.get(k) == model[k] for k in keys)
     # every stored row is referenced by exactly one slot
-    slots = idx._slots[idx._slots != 0]
-    rows = sorted(((slots & np.uint64(0xFFFFFFFF)) - np.uint64(1)).astype(int).tolist())
-    assert rows == list(range(len(model)))
+    stored = idx._rows[idx._rows != 0]
+    assert sorted((stored.astype(int) - 1).tolist()) == list(range(len(model)))
+    # each occupied slot's tag is its digest's bytes 8..9
+    for p in np.flatnonzero(idx._rows):
+        r = int(idx._rows[p]) - 1
+        assert int(idx._tags[p]) == int.from_bytes(idx._digests[r, 8:10].tobytes(), "little")
     # no empty slot between any key's home and its position (the linear-probing invariant)
     cap = idx.capacity
-    for p in np.flatnonzero(idx._slots):
-        r = (int(idx._slots[p]) & 0xFFFFFFFF) - 1
+    for p in np.flatnonzero(idx._rows):
+        r = int(idx._rows[p]) - 1
         q = int.from_bytes(idx._digests[r, :8].tobytes(), "little") % cap
         while q != p:
-            assert idx._slots[q] != 0
+            assert idx._rows[q] != 0
             q = (q + 1) % cap
     assert idx.load_factor <= 0.7
 
@@ -106,10 +109,10 @@ def test_wraparound_at_the_end_of_the_table():
     for k in keys:
         idx.add(k)
     assert idx.capacity == cap  # 5 of 16: no resize
-    occupied = np.flatnonzero(idx._slots).tolist()
+    occupied = np.flatnonzero(idx._rows).tolist()
     assert occupied == [0, 1, 2, 3, cap - 1]  # the cluster wrapped to the front
     assert idx.remove(keys[0])
-    assert np.flatnonzero(idx._slots).tolist() == [0, 1, 2, cap - 1]  # shifted back across
+    assert np.flatnonzero(idx._rows).tolist() == [0, 1, 2, cap - 1]  # shifted back across
     assert all(k in idx for k in keys[1:]) and keys[0] not in idx
 
 
@@ -122,7 +125,7 @@ def test_deletes_in_a_cluster_leave_no_tombstones():
     for k in keys[::2]:
         idx.remove(k)
     left = keys[1::2]
-    assert len(idx) == len(left) == np.count_nonzero(idx._slots)
+    assert len(idx) == len(left) == np.count_nonzero(idx._rows)
     assert all(k in idx for k in left)
     stats = idx.probe_stats()
     assert stats["max_displacement"] <= len(left)

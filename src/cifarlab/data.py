@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_TARBALL = "cifar-10-python.tar.gz"
-_CACHE_VERSION = 2  # 2: SHA-256 fingerprints and their indexes
+_CACHE_VERSION = 3  # 2: SHA-256 fingerprints and their indexes; 3: index format 2
 
 
 @dataclass
@@ -105,17 +105,18 @@ class PreparedData:
     skipped: list[str] = field(default_factory=list)
     cache: Path | None = None  # the cache folder holding files.cidx and pixels.cidx
 
-    def fingerprint_index(self, kind: str = "pixels") -> ContentIndex:
+    def fingerprint_index(self, kind: str = "pixels", verify: bool = True) -> ContentIndex:
         """The saved index of ``pixels`` or ``files`` digests.
 
         Values are row numbers counting the train split first, then test; a digest held by
-        several images maps to the first of them.
+        several images maps to the first of them. ``verify`` checks the payload's CRC32 (about
+        12 ms per million entries); forked workers that share an index verified once may skip it.
         """
         from cifarlab.index import ContentIndex
 
         if self.cache is None:
             raise DataError("this dataset was not prepared through the cache; no index saved.")
-        return ContentIndex.open(self.cache / f"{kind}.cidx")
+        return ContentIndex.open(self.cache / f"{kind}.cidx", verify=verify)
 
 
 @dataclass

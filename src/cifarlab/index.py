@@ -1,7 +1,7 @@
 """SHA-256 content index: an open-addressing hash table with linear probing over numpy arrays.
 
 What a Python dict does badly, this does well: a ``bytes`` key plus a dict entry costs about 154
-bytes, a set entry about 114; here an entry costs its 32-byte digest plus one 8-byte slot at a
+bytes, a set entry about 114; here an entry costs its 32-byte digest plus one 6-byte slot at a
 load factor of at most 0.7 (and 8 bytes more with values). The table saves to one file that
 opens memory-mapped and read-only in milliseconds, so forked readers share its pages instead of
 copying a dict page by page through reference counts.
@@ -10,9 +10,9 @@ Layout:
 
 * ``digests``: N×32 uint8, dense, in insertion order (a delete moves the last row into the hole);
 * ``values``: optional N int64, parallel to ``digests``;
-* ``slots``: C uint64, 0 = empty, else ``tag << 32 | (row + 1)``, where the tag is digest bytes
-  8..11 and the home slot is ``(digest bytes 0..7 as uint64) % C``. The tag settles almost every
-  probe without touching the digest array.
+* slots, as two parallel arrays of length C: ``rows`` (uint32, 0 = empty, else row + 1) and
+  ``tags`` (uint16, digest bytes 8..9). The home slot is ``(digest bytes 0..7 as uint64) % C``.
+  The tag settles all but 1 in 65,536 probes of other keys without touching the digest array.
 
 Deletion shifts later members of the cluster back (Knuth's Algorithm R), so there are no
 tombstones and probe lengths never degrade. Bulk operations are vectorized: each round of the
@@ -39,11 +39,11 @@ DIGEST = 32
 MAX_LOAD = 0.7
 GROWTH = 1.5  # capacity multiplier on resize: keeps memory per entry near 32 + 8/0.47
 _MAGIC = b"CLIDX\x00\x00\x01"
-_VERSION = 1
+_VERSION = 2  # 2: 6-byte slots (uint32 row + 1, uint16 tag) as two arrays
 # magic, version, flags, n, capacity, payload crc32, header crc32 (over everything before it)
 _HEADER = struct.Struct("<8sIIQQII")
 _HEADER_SIZE = 64
-_ROW_MASK = np.uint64(0xFFFFFFFF)
+MAX_ROWS = 2**32 - 2  # rows are stored as uint32 row + 1
 
 
 class IndexError_(CifarlabError):
@@ -72,7 +72,7 @@ def _as_digests(keys: np.ndarray | bytes | list[bytes]) -> np.ndarray:
 
 def _home_and_tag(d: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     h = d[:, :8].copy().view("<u8").ravel()
-    tag = d[:, 8:12].copy().view("<u4").ravel().astype(np.uint64)
+    tag = d[:, 8:10].copy().view("<u2").ravel()
     return (h % np.uint64(capacity)).astype(np.int64), tag
 
 
@@ -90,7 +90,8 @@ class ContentIndex:
 
     def __init__(self, capacity: int = 16, with_values: bool = False):
         self._cap = max(8, int(capacity))
-        self._slots = np.zeros(self._cap, dtype=np.uint64)
+        self._rows = np.zeros(self._cap, dtype=np.uint32)
+        self._tags = np.zeros(self._cap, dtype=np.uint16)
         self._digests = np.zeros((max(8, int(self._cap * MAX_LOAD)), DIGEST), dtype=np.uint8)
         self._values: np.ndarray | None = (
             np.zeros(len(self._digests), dtype=np.int64) if with_values else None
@@ -132,7 +133,7 @@ class ContentIndex:
     def nbytes(self) -> int:
         """Bytes held by the table's arrays: slots, digest rows and values, spare room included."""
         values = self._values.nbytes if self._values is not None else 0
-        return self._slots.nbytes + self._digests.nbytes + values
+        return self._rows.nbytes + self._tags.nbytes + self._digests.nbytes + values
 
     def digests(self) -> np.ndarray:
         """The stored digests, N×32, in row order (a read-only view)."""
@@ -160,12 +161,13 @@ class ContentIndex:
         active = np.arange(n)
         cap = self._cap
         while active.size:
-            s = self._slots[pos[active]]
-            empty = s == 0
-            cand = ~empty & ((s >> np.uint64(32)) == tag[active])
+            p = pos[active]
+            r1 = self._rows[p]
+            empty = r1 == 0
+            cand = ~empty & (self._tags[p] == tag[active])
             if cand.any():
                 ci = np.flatnonzero(cand)
-                r = ((s[ci] & _ROW_MASK) - np.uint64(1)).astype(np.int64)
+                r = r1[ci].astype(np.int64) - 1
                 same = (self._digests[r] == d[active[ci]]).all(axis=1)
                 hit = ci[same]
                 rows[active[hit]] = r[same]
@@ -208,15 +210,15 @@ class ContentIndex:
 
     def _find_one(self, key: bytes) -> int:
         """Pure-Python probe for one key: no numpy temporaries."""
-        cap, slots, digests = self._cap, self._slots, self._digests
+        cap, rows, tags, digests = self._cap, self._rows, self._tags, self._digests
         pos = int.from_bytes(key[:8], "little") % cap
-        tag = int.from_bytes(key[8:12], "little")
+        tag = int.from_bytes(key[8:10], "little")
         while True:
-            s = int(slots[pos])
-            if s == 0:
+            r1 = int(rows[pos])
+            if r1 == 0:
                 return -1
-            if s >> 32 == tag:
-                r = (s & 0xFFFFFFFF) - 1
+            if int(tags[pos]) == tag:
+                r = r1 - 1
                 if digests[r].tobytes() == key:
                     return r
             pos += 1
@@ -256,6 +258,8 @@ class ContentIndex:
             self._values[rows[present]] = vals[uniq[present]]
         missing = uniq[~present]
         if len(missing):
+            if self._n + len(missing) > MAX_ROWS:
+                raise ValueError(f"an index holds at most {MAX_ROWS} keys")
             self._reserve(self._n + len(missing))
             start = self._n
             self._digests[start : start + len(missing)] = d[missing]
@@ -275,17 +279,18 @@ class ContentIndex:
         """Put rows (known absent, distinct) into empty slots along their probe sequences."""
         d = self._digests[rows]
         pos, tag = _home_and_tag(d, self._cap)
-        packed = (tag << np.uint64(32)) | (rows.astype(np.uint64) + np.uint64(1))
+        stored = (rows + 1).astype(np.uint32)
         active = np.arange(len(rows))
         cap = self._cap
         while active.size:
             p = pos[active]
-            free = self._slots[p] == 0
+            free = self._rows[p] == 0
             # among keys that reached the same free slot this round, the first one wins
             fi = np.flatnonzero(free)
             _, winners = np.unique(p[fi], return_index=True)
             won = fi[winners]
-            self._slots[p[won]] = packed[active[won]]
+            self._rows[p[won]] = stored[active[won]]
+            self._tags[p[won]] = tag[active[won]]
             placed = np.zeros(len(active), dtype=bool)
             placed[won] = True
             active = active[~placed]
@@ -306,7 +311,8 @@ class ContentIndex:
             while n > cap * MAX_LOAD:
                 cap = int(cap * GROWTH) + 1
             self._cap = cap
-            self._slots = np.zeros(cap, dtype=np.uint64)
+            self._rows = np.zeros(cap, dtype=np.uint32)
+            self._tags = np.zeros(cap, dtype=np.uint16)
             if self._n:
                 self._place(np.arange(self._n, dtype=np.int64))
 
@@ -325,8 +331,7 @@ class ContentIndex:
             self._digests[row] = self._digests[last]
             if self._values is not None:
                 self._values[row] = self._values[last]
-            s = int(self._slots[lstop[0]])
-            self._slots[lstop[0]] = np.uint64((s >> 32 << 32) | (row + 1))
+            self._rows[lstop[0]] = row + 1  # same digest, so the tag stays
         self._n -= 1
         return True
 
@@ -336,21 +341,22 @@ class ContentIndex:
 
     def _shift_back(self, i: int) -> None:
         """Empty slot ``i`` and pull later cluster members back over it (no tombstones)."""
-        slots, cap, digests = self._slots, self._cap, self._digests
+        rows, tags, cap, digests = self._rows, self._tags, self._cap, self._digests
         j = i
         while True:
             j = (j + 1) % cap
-            s = int(slots[j])
-            if s == 0:
+            r1 = int(rows[j])
+            if r1 == 0:
                 break
-            r = (s & 0xFFFFFFFF) - 1
+            r = r1 - 1
             home = int.from_bytes(digests[r, :8].tobytes(), "little") % cap
             # the entry at j stays unless its home lies cyclically outside (i, j]
             stays = (i < home <= j) if i <= j else (home > i or home <= j)
             if not stays:
-                slots[i] = slots[j]
+                rows[i], tags[i] = rows[j], tags[j]
                 i = j
-        slots[i] = 0
+        rows[i] = 0
+        tags[i] = 0
 
     # ------------------------------------------------------------------ statistics
 
@@ -360,17 +366,17 @@ class ContentIndex:
         ``mean_probes_hit`` = 1 + mean displacement is comparable to Knuth's
         ½(1 + 1/(1−α)); ``mean_probes_miss`` is measured by probing every home slot.
         """
-        occupied = np.flatnonzero(self._slots)
+        occupied = np.flatnonzero(self._rows)
         if len(occupied) == 0:
             return {"load": 0.0, "mean_displacement": 0.0, "max_displacement": 0,
                     "mean_probes_hit": 1.0, "mean_probes_miss": 1.0,
                     "knuth_hit": 1.0, "knuth_miss": 1.0}
-        rows = ((self._slots[occupied] & _ROW_MASK) - np.uint64(1)).astype(np.int64)
+        rows = self._rows[occupied].astype(np.int64) - 1
         home, _ = _home_and_tag(self._digests[rows], self._cap)
         disp = (occupied - home) % self._cap
         # an unsuccessful search from slot p probes the run of occupied slots starting at p,
         # plus the empty slot that ends it
-        occ = self._slots != 0
+        occ = self._rows != 0
         run = _run_lengths_from(occ)
         hit, miss = expected_probes(self.load_factor)
         return {
@@ -386,16 +392,15 @@ class ContentIndex:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the table atomically: header, then slots, digests and values, 64-byte aligned."""
+        """Write the table atomically: a 64-byte header, then values (if any), rows, tags and
+        digests, in that order so that every array starts aligned to its item size."""
         path = Path(path)
-        slots = np.ascontiguousarray(self._slots)
-        digests = np.ascontiguousarray(self._digests[: self._n])
-        values = None if self._values is None else np.ascontiguousarray(self._values[: self._n])
-        parts = [slots.tobytes(), digests.tobytes()] + ([values.tobytes()] if values is not None else [])
+        parts = [] if self._values is None else [self._values[: self._n].tobytes()]
+        parts += [self._rows.tobytes(), self._tags.tobytes(), self._digests[: self._n].tobytes()]
         crc = 0
         for p in parts:
             crc = zlib.crc32(p, crc)
-        flags = 1 if values is not None else 0
+        flags = 1 if self._values is not None else 0
         head = _HEADER.pack(_MAGIC, _VERSION, flags, self._n, self._cap, crc, 0)[:-4]
         head += struct.pack("<I", zlib.crc32(head))
         head = head.ljust(_HEADER_SIZE, b"\0")
@@ -436,7 +441,7 @@ class ContentIndex:
                     f"{path}: index format version {version}; this cifarlab reads {_VERSION}."
                 )
             with_values = bool(flags & 1)
-            expected = _HEADER_SIZE + cap * 8 + n * DIGEST + (n * 8 if with_values else 0)
+            expected = _HEADER_SIZE + cap * 6 + n * DIGEST + (n * 8 if with_values else 0)
             if size != expected or n > cap:
                 raise IndexError_(
                     f"{path}: truncated or damaged index file ({size} bytes, header says "
@@ -445,13 +450,16 @@ class ContentIndex:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         idx = cls.__new__(cls)
         off = _HEADER_SIZE
-        idx._slots = np.frombuffer(mm, dtype=np.uint64, count=cap, offset=off)
-        off += cap * 8
+        idx._values = None
+        if with_values:
+            idx._values = np.frombuffer(mm, dtype=np.int64, count=n, offset=off)
+            off += n * 8
+        idx._rows = np.frombuffer(mm, dtype=np.uint32, count=cap, offset=off)
+        off += cap * 4
+        idx._tags = np.frombuffer(mm, dtype=np.uint16, count=cap, offset=off)
+        off += cap * 2
         idx._digests = np.frombuffer(mm, dtype=np.uint8, count=n * DIGEST, offset=off).reshape(
             n, DIGEST)
-        off += n * DIGEST
-        idx._values = (np.frombuffer(mm, dtype=np.int64, count=n, offset=off)
-                       if with_values else None)
         idx._cap, idx._n, idx._readonly, idx._mmap = cap, n, True, mm
         if verify:
             got = zlib.crc32(memoryview(mm)[_HEADER_SIZE:])
