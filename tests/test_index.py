@@ -219,3 +219,13 @@ def test_bad_keys_are_rejected():
     with pytest.raises(ValueError, match="N×32 uint8"):
         idx.insert(np.zeros((2, 16), np.uint8))
     assert b"short" not in idx
+
+
+def test_large_batches_are_probed_in_chunks(monkeypatch):
+    import cifarlab.index as index_module
+
+    monkeypatch.setattr(index_module, "_CHUNK", 64)  # force many chunks on a small table
+    d = digests(3000, seed=5)
+    idx = ContentIndex.from_digests(d[:2000], values=np.arange(2000))
+    assert idx.lookup(d).tolist() == list(range(2000)) + [-1] * 1000
+    assert idx.contains(d[1990:2010]).tolist() == [True] * 10 + [False] * 10

@@ -44,6 +44,7 @@ _VERSION = 2  # 2: 6-byte slots (uint32 row + 1, uint16 tag) as two arrays
 _HEADER = struct.Struct("<8sIIQQII")
 _HEADER_SIZE = 64
 MAX_ROWS = 2**32 - 2  # rows are stored as uint32 row + 1
+_CHUNK = 1 << 17  # keys per call of the vectorized probe loop: bounds its temporaries
 
 
 class IndexError_(CifarlabError):
@@ -152,6 +153,12 @@ class ContentIndex:
 
     def _find(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each digest: (row or -1, slot index where found or where the probe stopped)."""
+        if len(d) > _CHUNK:  # chunks keep the probe loop's temporaries in cache
+            parts = [self._find_chunk(d[i : i + _CHUNK]) for i in range(0, len(d), _CHUNK)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return self._find_chunk(d)
+
+    def _find_chunk(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(d)
         rows = np.full(n, -1, dtype=np.int64)
         stop = np.zeros(n, dtype=np.int64)
