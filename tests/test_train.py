@@ -11,7 +11,7 @@ from cifarlab.config import DataConfig, TrainConfig
 from cifarlab.data import load_data
 from cifarlab.errors import ConfigError, RunError
 from cifarlab.runs import evaluate_run, load_run, predict_files
-from cifarlab.train import Callback, GpuLoader, Normalizer, evaluate, train
+from cifarlab.train import Callback, DeviceLoader, Normalizer, evaluate, train
 
 
 def small_config(source, **optim) -> TrainConfig:
@@ -73,13 +73,13 @@ def test_loader_augments_whole_batches(learnable):
     norm = Normalizer(data.mean, data.std, torch.device("cpu"))
     plain = norm(torch.from_numpy(np.asarray(data.train.images)).permute(0, 3, 1, 2))
     cfg.aug.translate, cfg.aug.flip = 0, False
-    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    loader = DeviceLoader(data.train, cfg, norm, torch.device("cpu"))
     x, _ = next(iter(loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert any(torch.allclose(x[0], p) for p in plain)  # no augmentation: unchanged images
 
     cfg.aug.flip = True
-    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    loader = DeviceLoader(data.train, cfg, norm, torch.device("cpu"))
     idx = torch.arange(8)
     even = loader._augment(loader.images[idx], idx)
     loader.epoch = 1
@@ -90,7 +90,7 @@ def test_loader_augments_whole_batches(learnable):
         assert sorted(flipped) == [False, True] and sorted(same) == [False, True]
 
     cfg.aug.flip, cfg.aug.translate = False, 2
-    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    loader = DeviceLoader(data.train, cfg, norm, torch.device("cpu"))
     shifted = loader._augment(loader.images[idx], idx)
     padded = torch.nn.functional.pad(plain[:8], (2, 2, 2, 2), mode="reflect")
     for i in range(8):  # each output is one of the 25 crops of its padded image
@@ -98,7 +98,7 @@ def test_loader_augments_whole_batches(learnable):
         assert any(torch.equal(shifted[i], c) for c in crops)
 
     cfg.aug.translate, cfg.aug.cutout = 0, 8
-    loader = GpuLoader(data.train, cfg, norm, torch.device("cpu"))
+    loader = DeviceLoader(data.train, cfg, norm, torch.device("cpu"))
     cut = loader._augment(loader.images[idx], idx)
     zeros = (cut == 0).all(dim=1).sum(dim=(1, 2))
     assert ((zeros >= 16) & (zeros <= 64)).all()  # an 8×8 hole, clipped at the border

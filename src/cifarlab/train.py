@@ -94,7 +94,7 @@ def to_device_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous().to(device)
 
 
-class GpuLoader:
+class DeviceLoader:
     """Iterates over augmented, normalized batches of a dataset held as one tensor on a device.
 
     There is no per-sample Python and no worker process: each step gathers a batch of uint8
@@ -315,13 +315,9 @@ def evaluate(
     device = torch.device(device)
     if len(ds) == 0:
         return float("nan"), float("nan")
-    norm = Normalizer(mean, std, device)
-    logits = predict_logits(model, to_device_images(ds.images, torch.device("cpu")), norm,
-                            device, precision, tta)
-    labels = torch.from_numpy(ds.labels)
-    loss = F.cross_entropy(logits, labels).item()
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    return loss, acc
+    images = to_device_images(ds.images, torch.device("cpu"))  # moved to the device per batch
+    return _eval_tensor(model, images, ds.labels, Normalizer(mean, std, device), device,
+                        precision, tta)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -378,7 +374,7 @@ def train(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     norm = Normalizer(data.mean, data.std, device)
-    loader = GpuLoader(data.train, config, norm, device)
+    loader = DeviceLoader(data.train, config, norm, device)
     steps_per_epoch = max(1, len(loader))
     total_steps = max(1, math.ceil(steps_per_epoch * config.optim.epochs))
     optimizer, scheduler = build_optimizer(model, config, total_steps)
