@@ -124,7 +124,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
         f"Final test accuracy with flip+translate TTA: **{result.test_acc * 100:.2f}%** after "
         f"**{result.train_seconds:.0f} s** of training ({result.train_seconds / 60:.1f} min).",
     ]
-    write_section(f"tta-{args.model}", "\n".join(lines))
+    write_section(f"tta-{args.model}-{args.epochs}e", "\n".join(lines))
 
 
 def main() -> None:
