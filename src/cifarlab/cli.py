@@ -60,6 +60,9 @@ def cli(verbose: bool) -> None:
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="airnet", show_default=True)
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               help="A config.json (e.g. from a run folder); options given here override it.")
+@click.option("--from-study", type=click.Path(path_type=Path), default=None,
+              help="Retrain a study's best configuration on train + validation and evaluate "
+                   "it on test (the study's fidelity epochs unless --epochs is given).")
 @_data_options
 @click.option("--val-size", type=int, default=None, help="Validation images taken from train "
               "(default 5000; 0 trains on every training image).")
@@ -89,9 +92,9 @@ def cli(verbose: bool) -> None:
               show_default=True)
 @click.option("--no-test", is_flag=True, help="Do not evaluate on the test split at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch table or progress bar.")
-def train(model: str, config_file: Path | None, data: Path | None, image_size: int | None,
-          skip_bad: bool, runs_dir: Path, name: str | None, no_test: bool, quiet: bool,
-          **overrides: Any) -> None:
+def train(model: str, config_file: Path | None, from_study: Path | None, data: Path | None,
+          image_size: int | None, skip_bad: bool, runs_dir: Path, name: str | None,
+          no_test: bool, quiet: bool, **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
     from cifarlab.config import TrainConfig
     from cifarlab.models import get_spec
@@ -99,16 +102,28 @@ def train(model: str, config_file: Path | None, data: Path | None, image_size: i
     from cifarlab.train import EpochTable
     from cifarlab.train import train as run_training
 
+    if config_file is not None and from_study is not None:
+        raise CifarlabError("Give --config or --from-study, not both.")
     if config_file is not None:
         try:
             cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
         except json.JSONDecodeError as exc:
             raise CifarlabError(f"{config_file}: not valid JSON ({exc}).") from exc
+    elif from_study is not None:
+        from cifarlab.tune import best_config
+
+        cfg, best = best_config(from_study)
+        click.echo(f"retraining trial {best.number} of {from_study} (val_loss {best.value:.4f}) "
+                   "on train + validation")
+        cfg.data.val_size = 0
+        cfg.data.train_fraction = 1.0
+        cfg.tta = TrainConfig().tta
+        name = name or f"{from_study.resolve().name}-best"
     else:
         cfg = TrainConfig(model=model)
         for k, v in get_spec(model).recipe.items():
             setattr(cfg.optim, k, v)
-    if data is not None or config_file is None:
+    if data is not None or (config_file is None and from_study is None):
         cfg.data.source = str(data) if data else cfg.data.source
     cfg.data.image_size = image_size or cfg.data.image_size
     cfg.data.skip_bad = skip_bad or cfg.data.skip_bad
@@ -133,6 +148,118 @@ def train(model: str, config_file: Path | None, data: Path | None, image_size: i
     if result.stopped_early:
         click.echo(f"stopped early: {result.stopped_early}")
     click.echo(f"run folder: {run_dir}")
+
+
+# --------------------------------------------------------------------------------- tune
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--name", default=None, help="Study name [default: the study folder's name].")
+@click.option("--study-dir", type=click.Path(path_type=Path), default=None,
+              help="Study folder [default: studies/<name>, or studies/study].")
+@click.option("--space", "space_file", type=click.Path(path_type=Path), default=None,
+              help="Search space file (.yaml, .yml or .toml) [default: the built-in space].")
+@click.option("--model", type=click.Choice(MODEL_NAMES), default=None,
+              help="Fidelity: model [default: the space file's, or airnet].")
+@click.option("--epochs", type=float, default=None,
+              help="Fidelity: epochs per trial [default: the space file's, or 2].")
+@click.option("--train-fraction", type=float, default=None,
+              help="Fidelity: fraction of the training split per trial [default: 0.25].")
+@click.option("--trials", "n_trials", type=click.IntRange(1), default=20, show_default=True,
+              help="Finished trials the study aims for, over all workers.")
+@click.option("--sampler", type=click.Choice(["gp", "tpe", "random"]), default="gp",
+              show_default=True)
+@click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]),
+              default="median", show_default=True)
+@click.option("--startup", type=click.IntRange(0), default=None,
+              help="Random trials before the surrogate [default: max(4, min(10, trials/4))].")
+@click.option("--storage", default=None,
+              help="Database URL shared by workers, e.g. postgresql://user@host/db "
+                   "[default: an SQLite file in the study folder].")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Worker processes on this machine.")
+@click.option("--devices", default=None,
+              help="Comma-separated devices, one worker each, e.g. cuda:0,cuda:1.")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after this "
+              "many seconds.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_data_options
+@click.option("--val-size", type=click.IntRange(1), default=5000, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No live table of trials.")
+@click.pass_context
+def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_file: Path | None,
+         model: str | None, epochs: float | None, train_fraction: float | None, n_trials: int,
+         sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
+         devices: str | None, timeout: float | None, seed: int, data: Path | None,
+         image_size: int | None, skip_bad: bool, val_size: int, quiet: bool) -> None:
+    """Find hyperparameters by Bayesian optimization of validation loss.
+
+    Runs a study (or resumes the one in --study-dir, or joins the one in --storage), prints a
+    row per finished trial and a summary. The test split is never used. Subcommands:
+    `tune report STUDY` (plots), `tune show STUDY` (summary).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from cifarlab.tune import TuneSettings, default_space, load_space, run_study, summarize
+
+    study_dir = study_dir or Path("studies") / (name or "study")
+    if space_file is not None:
+        space = load_space(space_file, model=model, epochs=epochs, train_fraction=train_fraction)
+    elif storage is not None and model is None and epochs is None and train_fraction is None:
+        space = None  # join: the space stored in the study
+    else:
+        space = default_space(model or "airnet", epochs if epochs is not None else 2.0,
+                              train_fraction if train_fraction is not None else 0.25)
+    cfg = _data_config(data, image_size, skip_bad)
+    cfg.val_size = val_size
+    settings = TuneSettings(
+        study_dir=study_dir, study_name=name, storage=storage, n_trials=n_trials,
+        sampler=sampler, pruner=pruner, n_startup=startup, seed=seed, workers=workers,
+        devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
+        timeout=timeout, data=cfg, quiet=quiet)
+    if space is not None and not quiet:
+        click.echo("search space (" + ("built-in" if space_file is None else str(space_file))
+                   + "):")
+        for line in space.describe():
+            click.echo("  " + line)
+    study = run_study(settings, space)
+    for line in summarize(study).lines():
+        click.echo(line)
+    click.echo(f"study folder: {study_dir}")
+    click.echo(f"next: cifarlab tune report {study_dir}   |   "
+               f"cifarlab train --from-study {study_dir}")
+
+
+@tune.command("show")
+@click.argument("study", type=click.Path(path_type=Path))
+@click.option("--storage", default=None, help="Override the storage URL in STUDY/study.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def tune_show(study: Path, storage: str | None, as_json: bool) -> None:
+    """Summarize a study: trial counts, best trial, failure reasons."""
+    from dataclasses import asdict
+
+    from cifarlab.tune import open_study, summarize
+
+    summary = summarize(open_study(study, storage))
+    if as_json:
+        click.echo(json.dumps(asdict(summary), indent=2))
+    else:
+        for line in summary.lines():
+            click.echo(line)
+
+
+@tune.command("report")
+@click.argument("study", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: STUDY/report].")
+@click.option("--storage", default=None, help="Override the storage URL in STUDY/study.json.")
+def tune_report(study: Path, out: Path | None, storage: str | None) -> None:
+    """Write PNG and HTML plots: history, parallel coordinates, importances, surrogate."""
+    from cifarlab.tune.report import write_report
+
+    files = write_report(study, out or study / "report", storage)
+    for f in files:
+        click.echo(str(f))
 
 
 # ----------------------------------------------------------------------- evaluate / predict

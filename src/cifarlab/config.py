@@ -14,7 +14,7 @@ from typing import Any
 
 from cifarlab.errors import ConfigError
 
-__all__ = ["AugConfig", "DataConfig", "OptimConfig", "TrainConfig"]
+__all__ = ["AugConfig", "DataConfig", "OptimConfig", "TrainConfig", "config_paths"]
 
 
 @dataclass
@@ -70,6 +70,39 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def for_model(cls, model: str) -> TrainConfig:
+        """The default config for ``model``, with the model's own recipe applied."""
+        from cifarlab.models import get_spec
+
+        cfg = cls(model=model)
+        for k, v in get_spec(model).recipe.items():
+            setattr(cfg.optim, k, v)
+        return cfg
+
+    def get(self, path: str) -> Any:
+        """The value at a dotted path such as ``optim.lr``."""
+        obj: Any = self
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def with_values(self, values: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted-path values set (``{"optim.lr": 2.0}``), type-checked per field."""
+        raw = self.to_dict()
+        paths = config_paths()
+        for path, value in values.items():
+            if path not in paths:
+                raise ConfigError(
+                    f"Unknown config key {path!r}; valid keys are {', '.join(sorted(paths))}."
+                )
+            *parents, leaf = path.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return TrainConfig.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -137,3 +170,19 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     elif isinstance(value, type(default)):
         return value
     raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}.")
+
+
+def config_paths() -> dict[str, Any]:
+    """Every settable leaf of :class:`TrainConfig` as ``{"optim.lr": default, ...}``."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(TrainConfig(), "")
+    return out

@@ -6,7 +6,7 @@ code; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CifarlabError", "ConfigError", "DataError", "ModelError", "RunError"]
+__all__ = ["CifarlabError", "ConfigError", "DataError", "ModelError", "RunError", "StudyError"]
 
 
 class CifarlabError(Exception):
@@ -33,3 +33,9 @@ class RunError(CifarlabError):
     """A run folder is missing, incomplete or damaged."""
 
     exit_code = 4
+
+
+class StudyError(CifarlabError):
+    """A tuning study is missing, cannot be reached, or has no usable trials."""
+
+    exit_code = 5

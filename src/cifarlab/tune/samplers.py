@@ -1,0 +1,194 @@
+"""Samplers and pruners by name, and cifarlab's GP sampler.
+
+cifarlab's default sampler is Optuna's :class:`~optuna.samplers.GPSampler` (a Gaussian-process
+surrogate of the objective, log expected improvement as the acquisition function, q-EI over
+running trials so that parallel workers do not pile onto one point) with one addition: trials
+that *failed* (NaN loss, out of memory, an exception) or were *pruned* are shown to the surrogate
+as bad observations instead of being dropped. Plain GPSampler fits completed trials only, so a
+region where training diverges looks unexplored, and expected improvement keeps sending trials
+back into it. Here a failed trial counts as the worst completed value, and a pruned trial as the
+last validation loss it reported, so the surrogate learns where not to go.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers._gp import sampler as _gp_sampler
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "PRUNERS",
+    "SAMPLERS",
+    "FailureAwareGPSampler",
+    "Surrogate",
+    "fit_surrogate",
+    "make_pruner",
+    "make_sampler",
+]
+
+SAMPLERS = ("gp", "tpe", "random")
+PRUNERS = ("none", "median", "asha", "hyperband")
+IMPUTE_ATTR = "impute_as_worst"  # user attr set on trials that failed because of their params
+
+
+def default_startup(n_trials: int | None) -> int:
+    """Seeded random trials before the surrogate takes over: 10 (Optuna's default) for long
+    studies, a quarter of the budget but at least 4 for short ones, so a 12-trial study still
+    gets 8 model-guided trials."""
+    if n_trials is None:
+        return 10
+    return max(4, min(10, n_trials // 4))
+
+
+class FailureAwareGPSampler(optuna.samplers.GPSampler):
+    """GPSampler whose surrogate also sees failed and pruned trials (see the module docstring)."""
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if search_space == {}:
+            return {}
+        states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL, TrialState.PRUNED)
+        trials = study._get_trials(deepcopy=False, states=states, use_cache=False)
+        observed = observations_for_surrogate(trials, search_space)
+        running = [
+            t for t in trials
+            if t.state == TrialState.RUNNING
+            and search_space.keys() <= _gp_sampler._get_params(t).keys()
+        ]
+        if len(observed) < self._n_startup_trials:
+            return {}
+        import torch
+
+        with torch.device("cpu"):
+            params = self._sample_relative_impl(study, observed, running, search_space)
+        if params:
+            # Share the choice with other processes, as GPSampler does: a worker that sees
+            # this trial RUNNING reads its point from here to treat it as pending.
+            text = json.dumps(params)
+            size = _gp_sampler._SYSTEM_ATTR_MAX_LENGTH
+            for i in range(0, len(text), size):
+                study._storage.set_trial_system_attr(
+                    trial._trial_id, f"{_gp_sampler._RELATIVE_PARAMS_KEY}:{i // size}",
+                    text[i : i + size])
+        return params
+
+
+def observations_for_surrogate(
+    trials: list[FrozenTrial], search_space: dict[str, BaseDistribution]
+) -> list[FrozenTrial]:
+    """Completed trials, plus failed and pruned ones rewritten as completed with an imputed value.
+
+    Only trials whose parameters cover ``search_space`` take part. A failed trial is imputed
+    only when the objective flagged it (:data:`IMPUTE_ATTR`): a trial lost to a dead worker or to
+    Ctrl-C says nothing about its parameters.
+    """
+
+    def covers(t: FrozenTrial) -> bool:
+        return search_space.keys() <= t.params.keys()
+
+    completed = [t for t in trials if t.state == TrialState.COMPLETE and covers(t)
+                 and t.value is not None and math.isfinite(t.value)]
+    if not completed:
+        return completed
+    worst = max(t.value for t in completed if t.value is not None)
+    out = list(completed)
+    for t in trials:
+        if not covers(t):
+            continue
+        value: float | None = None
+        if t.state == TrialState.FAIL and t.user_attrs.get(IMPUTE_ATTR):
+            value = worst
+        elif t.state == TrialState.PRUNED and t.intermediate_values:
+            last = t.intermediate_values[max(t.intermediate_values)]
+            value = min(last, worst) if math.isfinite(last) else worst
+        if value is not None:
+            out.append(optuna.trial.create_trial(
+                state=TrialState.COMPLETE, value=value,
+                params={k: t.params[k] for k in search_space},
+                distributions={k: t.distributions[k] for k in search_space}))
+    return out
+
+
+def make_sampler(name: str, seed: int | None, n_startup: int) -> optuna.samplers.BaseSampler:
+    """``gp`` (cifarlab's failure-aware GP), ``tpe`` or ``random``, all seeded."""
+    if name == "gp":
+        return FailureAwareGPSampler(
+            seed=seed, n_startup_trials=n_startup,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+            warn_independent_sampling=False)
+    if name == "tpe":
+        # constant_liar: running trials count as bad, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup,
+                                          constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; valid samplers are {', '.join(SAMPLERS)}")
+
+
+def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    """Pruners act on per-epoch validation loss; steps are epochs, counted from 1."""
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_epochs),
+                                              reduction_factor=3)
+    raise ValueError(f"unknown pruner {name!r}; valid pruners are {', '.join(PRUNERS)}")
+
+
+@dataclass
+class Surrogate:
+    """The GP the sampler would fit right now, with predictions in objective units."""
+
+    search_space: dict[str, BaseDistribution]
+    observed: list[FrozenTrial]  # what the GP was fitted on (imputed trials included)
+    _gp_space: Any
+    _gpr: Any
+    _y_mean: float
+    _y_std: float
+
+    def predict(self, points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and standard deviation of validation loss at ``points``."""
+        import torch
+
+        x = self._gp_space.get_normalized_params([None] * len(points), points)
+        with torch.no_grad():
+            mean, var = self._gpr.posterior(torch.from_numpy(x))
+        return (mean.numpy() * self._y_std + self._y_mean,
+                np.sqrt(var.numpy()) * self._y_std)
+
+
+def fit_surrogate(study: optuna.Study) -> Surrogate | None:
+    """Fit the sampler's GP (same kernel, prior and data) to ``study``; None with < 2 points."""
+    from optuna._gp import gp, prior
+    from optuna._gp import search_space as gp_search_space
+    from optuna.search_space import intersection_search_space
+
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if len(done) < 2:
+        return None
+    space = {k: d for k, d in intersection_search_space(done).items() if not d.single()}
+    if not space:
+        return None
+    observed = observations_for_surrogate(trials, space)
+    gp_space = gp_search_space.SearchSpace(space)
+    x = gp_space.get_normalized_params(observed)
+    y = np.array([t.value for t in observed], dtype=float)
+    y_mean, y_std = float(y.mean()), float(max(y.std(), 1e-12))
+    gpr = gp.fit_kernel_params(
+        X=x, Y=(y - y_mean) / y_std, is_categorical=gp_space.is_categorical,
+        log_prior=prior.default_log_prior, minimum_noise=prior.DEFAULT_MINIMUM_NOISE_VAR,
+        deterministic_objective=False)
+    return Surrogate(space, observed, gp_space, gpr, y_mean, y_std)
