@@ -183,6 +183,9 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this "
               "many seconds.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--heartbeat", type=click.IntRange(1), default=10, show_default=True,
+              help="Seconds between a running trial's heartbeats; a trial silent for 3x this "
+                   "belongs to a dead worker and is failed and retried.")
 @_data_options
 @click.option("--val-size", type=click.IntRange(1), default=5000, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No live table of trials.")
@@ -190,7 +193,8 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
 def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_file: Path | None,
          model: str | None, epochs: float | None, train_fraction: float | None, n_trials: int,
          sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
-         devices: str | None, timeout: float | None, seed: int, data: Path | None,
+         devices: str | None, timeout: float | None, seed: int, heartbeat: int,
+         data: Path | None,
          image_size: int | None, skip_bad: bool, val_size: int, quiet: bool) -> None:
     """Find hyperparameters by Bayesian optimization of validation loss.
 
@@ -216,16 +220,20 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
         study_dir=study_dir, study_name=name, storage=storage, n_trials=n_trials,
         sampler=sampler, pruner=pruner, n_startup=startup, seed=seed, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
-        timeout=timeout, data=cfg, quiet=quiet)
+        timeout=timeout, data=cfg, quiet=quiet, heartbeat_interval=heartbeat,
+        grace_period=3 * heartbeat)
     if space is not None and not quiet:
         click.echo("search space (" + ("built-in" if space_file is None else str(space_file))
                    + "):")
         for line in space.describe():
             click.echo("  " + line)
-    study = run_study(settings, space)
+    study, interrupted = run_study(settings, space)
     for line in summarize(study).lines():
         click.echo(line)
     click.echo(f"study folder: {study_dir}")
+    if interrupted:
+        click.echo("stopped by Ctrl-C; run the same command again to resume", err=True)
+        sys.exit(130)
     click.echo(f"next: cifarlab tune report {study_dir}   |   "
                f"cifarlab train --from-study {study_dir}")
 

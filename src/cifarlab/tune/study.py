@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -48,6 +49,7 @@ SPACE_ATTR = "cifarlab:space"
 DATA_ATTR = "cifarlab:data_sha256"
 SETTINGS_ATTR = "cifarlab:settings"
 STUDY_FILE = "study.json"
+_INTERRUPTED = 130  # a worker's exit code after Ctrl-C
 
 
 @dataclass
@@ -67,7 +69,7 @@ class TuneSettings:
     timeout: float | None = None  # seconds, per worker
     data: DataConfig = field(default_factory=DataConfig)
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
-    grace_period: int = 60  # a RUNNING trial silent this long belongs to a dead worker
+    grace_period: int = 30  # a RUNNING trial silent this long belongs to a dead worker
     quiet: bool = False
 
     @property
@@ -156,22 +158,20 @@ def study_space(study: optuna.Study) -> SearchSpace:
 # ------------------------------------------------------------------------------- running
 
 
-def run_study(settings: TuneSettings, space: SearchSpace | None) -> optuna.Study:
+def run_study(settings: TuneSettings, space: SearchSpace | None) -> tuple[optuna.Study, bool]:
     """Create the study (or join the one already there) and run its workers to the end.
 
     ``space`` is ``None`` to join an existing study with the space stored in it. Returns the
-    study; see :func:`summarize`.
+    study (see :func:`summarize`) and whether Ctrl-C stopped it.
     """
     settings.study_dir.mkdir(parents=True, exist_ok=True)
     study = _create_or_join(settings, space)
     space = study_space(study)
     if settings.devices and settings.workers < len(settings.devices):
         settings.workers = len(settings.devices)
-    if settings.workers == 1:
-        _worker(settings, 0)
-    else:
-        _spawn_workers(settings)
-    return optuna.load_study(study_name=settings.name, storage=_storage(settings.storage_url))
+    interrupted = _worker(settings, 0) if settings.workers == 1 else _spawn_workers(settings)
+    study = optuna.load_study(study_name=settings.name, storage=_storage(settings.storage_url))
+    return study, interrupted
 
 
 def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna.Study:
@@ -206,7 +206,7 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
     return study
 
 
-def _spawn_workers(settings: TuneSettings) -> None:
+def _spawn_workers(settings: TuneSettings) -> bool:
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_entry, args=(settings, i), name=f"cifarlab-worker-{i}")
              for i in range(settings.workers)]
@@ -220,17 +220,19 @@ def _spawn_workers(settings: TuneSettings) -> None:
             p.join()
     finally:
         signal.signal(signal.SIGINT, previous)
-    bad = [p for p in procs if p.exitcode not in (0, None)]
+    bad = [p for p in procs if p.exitcode not in (0, None, _INTERRUPTED)]
     if bad:
         codes = ", ".join(f"{p.name}: {p.exitcode}" for p in bad)
         raise StudyError(f"Worker process(es) ended with an error ({codes}); the study keeps "
                          "every finished trial; run the same command again to resume.")
+    return any(p.exitcode == _INTERRUPTED for p in procs)
 
 
 def _worker_entry(settings: TuneSettings, index: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _worker(settings, index)
+        if _worker(settings, index):
+            sys.exit(_INTERRUPTED)
     except CifarlabError as exc:
         print(f"worker {index}: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
@@ -262,7 +264,8 @@ class _StopFlag:
             signal.signal(signal.SIGINT, previous)
 
 
-def _worker(settings: TuneSettings, index: int) -> None:
+def _worker(settings: TuneSettings, index: int) -> bool:
+    """Run trials until the budget is used; True if Ctrl-C stopped it."""
     from cifarlab.data import load_data
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -301,11 +304,18 @@ def _worker(settings: TuneSettings, index: int) -> None:
         while not stop.requested:
             if deadline is not None and time.monotonic() > deadline:
                 break
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried
             used, waiting = budget_used(study)
             if used >= settings.n_trials and not waiting:
-                break
+                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    break
+                # Another worker's trial is still running; if that worker is dead, its trial
+                # goes stale after the grace period and is retried here, so wait and look again.
+                time.sleep(min(settings.heartbeat_interval, 5))
+                continue
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[table],
                            gc_after_trial=False)
+    return stop.requested
 
 
 def _check_same_data(study: optuna.Study, sha: str | None) -> None:
@@ -368,6 +378,7 @@ class Objective:
             config.validate()
         except ConfigError as exc:
             return self._fail(trial, "config", str(exc), impute=True)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         watch = _TrialWatch(trial, self.stop, self.check_every)
         try:
             result = train(config, [watch], data=self.data, evaluate_test=False, progress=False)

@@ -1,0 +1,229 @@
+"""Studies end to end: the real trainer on a tiny synthetic set, real SQLite (and PostgreSQL when
+CI provides one), real worker processes, real SIGKILL and SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cifarlab.tune import open_study
+
+from test_cli import CIFARLAB, call
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+SPACE = """
+fidelity: {model: tutorial, epochs: 3, train_fraction: 1.0}
+params:
+  lr: {type: float, low: 0.05, high: 20.0, log: true}
+  momentum: {type: float, low: 0.5, high: 0.95}
+  label_smoothing: {type: float, low: 0.0, high: 0.3}
+fixed: {batch_size: 32}
+"""
+
+
+def tune_args(data: Path, study_dir: Path, *extra: str, space: Path | None = None) -> list[str]:
+    args = ["tune", "--data", str(data), "--study-dir", str(study_dir), "--val-size", "48",
+            "--seed", "0"]
+    if space is not None:
+        args += ["--space", str(space)]
+    return args + list(extra)
+
+
+@pytest.fixture
+def space_file(tmp_path) -> Path:
+    f = tmp_path / "space.yaml"
+    f.write_text(SPACE)
+    return f
+
+
+def states(study_dir: Path) -> dict[str, int]:
+    study = open_study(study_dir)
+    out: dict[str, int] = {}
+    for t in study.trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def test_study_finds_a_better_configuration_and_reports(capsys, learnable, tmp_path, space_file):
+    study_dir = tmp_path / "s"
+    code, out, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "10",
+                                             "--pruner", "none", space=space_file))
+    assert code == 0, err
+    assert "trial state" in out and "best trial" in out  # the live table and the summary
+    study = open_study(study_dir)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 10
+    # better than where the search started (the first trial), found after the start-up trials
+    assert study.best_value < study.trials[0].value
+    assert study.best_value < min(t.value for t in study.trials[:4])
+    # stored as plain Optuna: the dashboard, or anyone, can load it by name
+    raw = optuna.load_study(study_name="s", storage=f"sqlite:///{study_dir / 'study.db'}")
+    assert raw.best_trial.user_attrs["val_acc"] > 0.25
+    assert json.loads((study_dir / "study.json").read_text())["study_name"] == "s"
+
+    code, out, _ = call(capsys, "tune", "report", str(study_dir))
+    assert code == 0
+    for name in ("history", "parallel", "importances", "surrogate"):
+        png = study_dir / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    page = (study_dir / "report" / "index.html").read_text()
+    assert "posterior mean" in page and "Optimization history" in page
+
+    code, out, err = call(capsys, "train", "--from-study", str(study_dir), "--data",
+                          str(learnable), "--runs-dir", str(tmp_path / "runs"), "-q")
+    assert code == 0, err
+    assert "on train + validation" in out and "test: loss" in out
+    cfg = json.loads((tmp_path / "runs" / "s-best" / "config.json").read_text())
+    assert cfg["data"]["val_size"] == 0
+    assert cfg["optim"]["lr"] == pytest.approx(study.best_params["lr"])
+
+    code, out, _ = call(capsys, "tune", "show", str(study_dir), "--json")
+    assert code == 0 and json.loads(out)["n_complete"] == 10
+
+
+def test_nan_trial_is_failed_with_its_reason_and_the_study_goes_on(capsys, learnable,
+                                                                    tmp_path):
+    space = tmp_path / "nan.yaml"
+    space.write_text("""
+fidelity: {model: tutorial, epochs: 2, train_fraction: 1.0}
+params:
+  lr: {type: categorical, choices: [1.0e+12, 2.0]}
+fixed: {batch_size: 32, label_smoothing: 0.0}
+""")
+    study_dir = tmp_path / "nan"
+    code, out, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "6",
+                                             "--sampler", "random", space=space))
+    assert code == 0, err
+    study = open_study(study_dir)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert failed and complete
+    for t in failed:
+        assert t.params["lr"] == 1e12
+        assert t.user_attrs["fail_kind"] == "nonfinite"
+        assert "nan" in t.user_attrs["fail_reason"].lower() or "inf" in t.user_attrs[
+            "fail_reason"].lower()
+    assert all(t.params["lr"] == 2.0 for t in complete)
+    assert "failed x" in out  # the summary lists the reasons
+
+
+def test_bad_space_fails_before_any_training(capsys, learnable, tmp_path):
+    space = tmp_path / "bad.toml"
+    space.write_text('[params.lr]\ntype = "float"\nlow = 5.0\nhigh = 1.0\n')
+    code, _, err = call(capsys, *tune_args(learnable, tmp_path / "x", space=space))
+    assert code == 2 and "params.lr" in err and "must be below high" in err
+    assert not (tmp_path / "x" / "study.db").exists()
+
+
+def _wait_for(study_dir: Path, ok, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ok(states(study_dir)):
+                return
+        except Exception:
+            pass  # the study may not exist yet
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; states: {states(study_dir)}")
+
+
+def _popen(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([CIFARLAB, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+
+
+SLOW_SPACE = SPACE.replace("epochs: 3", "epochs: 40")
+
+
+def test_study_resumes_after_sigkill_keeping_every_completed_trial(learnable, tmp_path):
+    space = tmp_path / "slow.yaml"
+    space.write_text(SLOW_SPACE)
+    study_dir = tmp_path / "killed"
+    args = tune_args(learnable, study_dir, "--trials", "4", "--heartbeat", "1", "--pruner",
+                     "none", space=space)
+    proc = _popen(args)
+    _wait_for(study_dir, lambda s: s.get("COMPLETE", 0) >= 2 and s.get("RUNNING", 0) == 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    before = {t.number: t.value for t in open_study(study_dir).trials
+              if t.state == TrialState.COMPLETE}
+    assert len(before) >= 2
+
+    done = subprocess.run([CIFARLAB, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    trials = open_study(study_dir).trials
+    after = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+    assert all(after[n] == v for n, v in before.items())  # nothing completed was lost
+    dead = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(dead) == 1 and "fail_reason" not in dead[0].user_attrs
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == dead[0].params  # the dead worker's trial was retried as it was
+    assert len(after) == 4
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+
+
+def test_ctrl_c_marks_the_running_trial_and_stops(learnable, tmp_path):
+    space = tmp_path / "slow.yaml"
+    space.write_text(SLOW_SPACE)
+    study_dir = tmp_path / "interrupted"
+    proc = _popen(tune_args(learnable, study_dir, "--trials", "10", space=space))
+    _wait_for(study_dir, lambda s: s.get("COMPLETE", 0) >= 1 and s.get("RUNNING", 0) == 1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped by Ctrl-C" in err and "study interrupted:" not in err
+    trials = open_study(study_dir).trials
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == 1 and stopped[0].user_attrs["fail_kind"] == "interrupted"
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+
+
+def _check_shared(study: optuna.Study, n: int) -> None:
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert n <= len(finished) <= n + 1  # two workers may both start the last trial
+    workers = {t.user_attrs["worker"] for t in finished}
+    assert len(workers) == 2, workers
+    assert len({t.number for t in study.trials}) == len(study.trials)
+
+
+def test_parallel_workers_share_sqlite(learnable, tmp_path, space_file):
+    study_dir = tmp_path / "par"
+    done = subprocess.run([CIFARLAB, *tune_args(learnable, study_dir, "--trials", "8",
+                                                "--workers", "2", space=space_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "w0 " in done.stdout and "w1 " in done.stdout
+    _check_shared(open_study(study_dir), 8)
+
+
+POSTGRES = os.environ.get("CIFARLAB_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES and not os.environ.get("CI"),
+                    reason="set CIFARLAB_TEST_POSTGRES (`.ci/run` starts a server)")
+def test_two_machines_join_one_postgres_study(learnable, tmp_path, space_file):
+    assert POSTGRES, "CI must provide CIFARLAB_TEST_POSTGRES (see .ci/postgres.sh)"
+    name = f"t{uuid.uuid4().hex[:10]}"
+    # the same command on two "machines": two processes with their own study folders
+    procs = [_popen(tune_args(learnable, tmp_path / f"m{i}", "--trials", "8", "--storage",
+                              POSTGRES, "--name", name, space=space_file)) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    study = optuna.load_study(study_name=name, storage=POSTGRES)
+    _check_shared(study, 8)
+    # the folder records where the study lives, without a password
+    ref = json.loads((tmp_path / "m0" / "study.json").read_text())
+    assert ref["study_name"] == name and ":cifarlab@" not in ref["storage"]

@@ -1,0 +1,133 @@
+"""Sampler tests in the style of Optuna's shared sampler tests (tests/samplers_tests/test_samplers.py):
+every named sampler, every distribution type, bounds, seeding, pending and failed trials."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cifarlab.tune.samplers import (
+    IMPUTE_ATTR,
+    PRUNERS,
+    SAMPLERS,
+    FailureAwareGPSampler,
+    fit_surrogate,
+    make_pruner,
+    make_sampler,
+    observations_for_surrogate,
+)
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _objective(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", -3.0, 3.0)
+    lr = trial.suggest_float("lr", 1e-3, 1.0, log=True)
+    m = trial.suggest_float("m", 0.5, 0.9, step=0.1)
+    n = trial.suggest_int("n", 1, 9, step=2)
+    k = trial.suggest_int("k", 1, 64, log=True)
+    c = trial.suggest_categorical("c", ["a", "b", 3])
+    assert -3.0 <= x <= 3.0 and 1e-3 <= lr <= 1.0
+    assert any(math.isclose(m, v) for v in (0.5, 0.6, 0.7, 0.8, 0.9))
+    assert n in (1, 3, 5, 7, 9) and 1 <= k <= 64 and c in ("a", "b", 3)
+    return x**2 + math.log10(lr) ** 2 + m + n / 10 + (c == "a")
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_distribution_stays_in_bounds(name):
+    study = optuna.create_study(sampler=make_sampler(name, seed=0, n_startup=4))
+    study.optimize(_objective, n_trials=12)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 12
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_same_seed_same_sequence(name):
+    def params(seed: int) -> list[dict]:
+        study = optuna.create_study(sampler=make_sampler(name, seed=seed, n_startup=4))
+        study.optimize(_objective, n_trials=8)
+        return [t.params for t in study.trials]
+
+    assert params(3) == params(3)
+    assert params(3) != params(4)
+
+
+def test_gp_treats_running_trials_as_pending():
+    """Two asks without a tell must not return the same point (q-EI over running trials)."""
+    sampler = make_sampler("gp", seed=0, n_startup=5)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=8)
+    a, b = study.ask(), study.ask()
+    xa, xb = a.suggest_float("x", 0, 1), b.suggest_float("x", 0, 1)
+    assert abs(xa - xb) > 1e-3
+
+
+def _failing_region_study(sampler: optuna.samplers.BaseSampler) -> int:
+    """Minimise (x - 0.75)^2 where training 'diverges' for x > 0.7: the optimum sits at the edge
+    of a failing region. Returns how many model-guided trials were sent into it."""
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        y = trial.suggest_float("y", 0.0, 1.0)
+        if x > 0.7:
+            trial.set_user_attr(IMPUTE_ATTR, True)
+            raise FloatingPointError("loss became nan")
+        return (x - 0.75) ** 2 + 0.1 * (y - 0.5) ** 2
+
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(objective, n_trials=30, catch=(FloatingPointError,))
+    return sum(1 for t in study.trials[6:] if t.state == TrialState.FAIL)
+
+
+def test_failing_region_is_not_suggested_again_and_again():
+    plain = _failing_region_study(optuna.samplers.GPSampler(seed=0, n_startup_trials=6))
+    aware = _failing_region_study(FailureAwareGPSampler(seed=0, n_startup_trials=6))
+    # plain GPSampler never sees its failures and keeps probing past x = 0.7
+    assert plain >= 8, plain
+    assert aware <= plain // 3, (aware, plain)
+
+
+def test_failed_and_pruned_trials_are_imputed_for_the_surrogate():
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    mk = optuna.trial.create_trial
+    trials = [
+        mk(state=TrialState.COMPLETE, value=1.0, params={"x": 0.1}, distributions={"x": dist}),
+        mk(state=TrialState.COMPLETE, value=3.0, params={"x": 0.2}, distributions={"x": dist}),
+        mk(state=TrialState.FAIL, params={"x": 0.9}, distributions={"x": dist},
+           user_attrs={IMPUTE_ATTR: True}),
+        mk(state=TrialState.FAIL, params={"x": 0.8}, distributions={"x": dist}),  # dead worker
+        mk(state=TrialState.PRUNED, params={"x": 0.5}, distributions={"x": dist},
+           intermediate_values={1: 2.5, 2: 2.0}),
+    ]
+    got = sorted((t.params["x"], t.value) for t in observations_for_surrogate(trials, {"x": dist}))
+    assert got == [(0.1, 1.0), (0.2, 3.0), (0.5, 2.0), (0.9, 3.0)]
+
+
+def test_surrogate_fits_the_observations():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=15)
+    surrogate = fit_surrogate(study)
+    assert surrogate is not None
+    xs = [t.params["x"] for t in study.trials]
+    mean, std = surrogate.predict([{"x": x} for x in xs])
+    assert np.allclose(mean, [t.value for t in study.trials], atol=0.02)
+    far_mean, _ = surrogate.predict([{"x": 0.3}, {"x": 0.95}])
+    assert far_mean[0] < far_mean[1]
+    assert (std >= 0).all()
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_pruners_by_name(name):
+    pruner = make_pruner(name, max_epochs=3)
+    assert isinstance(pruner, optuna.pruners.BasePruner)
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="valid samplers"):
+        make_sampler("cmaes", 0, 4)
+    with pytest.raises(ValueError, match="valid pruners"):
+        make_pruner("wilcoxon", 3)
