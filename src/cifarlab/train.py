@@ -461,7 +461,10 @@ def train(
             break
 
     val_loss = val_acc = test_loss = test_acc = None
-    if val_images is not None:
+    last_row = state.history[-1] if state.history else {}
+    if config.tta == 0 and last_row.get("val_loss") is not None:
+        val_loss, val_acc = last_row["val_loss"], last_row["val_acc"]  # same weights, same eval
+    elif val_images is not None:
         val_loss, val_acc = _eval_tensor(model, val_images, data.val.labels, norm, device,  # type: ignore[union-attr]
                                          precision, config.tta)
     if evaluate_test and len(data.test):
