@@ -33,7 +33,8 @@ def call(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["predict"], ["data"],
-                                 ["data", "info"], ["data", "export"], ["models"]])
+                                 ["data", "info"], ["data", "export"], ["models"], ["tune"],
+                                 ["tune", "report"], ["tune", "show"]])
 def test_every_command_has_help(capsys, cmd):
     code, out, _ = call(capsys, *cmd, "--help")
     assert code == 0 and "Usage:" in out
