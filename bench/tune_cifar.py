@@ -1,11 +1,11 @@
 """Tuning on real CIFAR-10 at a CPU budget: GP-BO against TPE and random search.
 
-    python bench/tune_cifar.py [--trials 20] [--seeds 0 1 2] [--epochs 1] [--fraction 0.1]
-                               [--retrain-epochs 2] [--work bench-out/tune-cifar]
+    python bench/tune_cifar.py [--trials 15] [--seeds 0 1 2] [--space examples/demo-space.yaml]
+                               [--retrain-epochs 1] [--work bench-out/tune-cifar]
 
-For each sampler and seed: a study of ``--trials`` trials on the built-in airnet space at low
-fidelity (``--epochs`` epochs on ``--fraction`` of the training split, no pruning so every
-sampler gets exactly the same budget), then the best configuration retrained on train +
+For each sampler and seed: a study of ``--trials`` trials on the space file's airnet space at
+its low fidelity (1 epoch on a fifth of the training split for the demo's space; no pruning,
+so every sampler gets exactly the same budget), then the best configuration retrained on train +
 validation for ``--retrain-epochs`` epochs and evaluated once on test. Results are kept in
 ``--work``/results.json as they finish, so an interrupted run resumes. Writes its table into
 docs/BENCHMARKS.md. Data: $CIFARLAB_DATA (or --data).
@@ -30,11 +30,11 @@ SAMPLERS = ("gp", "tpe", "random")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=int, default=15)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--retrain-epochs", type=float, default=2.0)
+    p.add_argument("--space", type=Path,
+                   default=Path(__file__).resolve().parent.parent / "examples/demo-space.yaml")
+    p.add_argument("--retrain-epochs", type=float, default=1.0)
     p.add_argument("--data", default=None)
     p.add_argument("--work", type=Path, default=Path("bench-out/tune-cifar"))
     a = p.parse_args()
@@ -42,12 +42,13 @@ def main() -> None:
     from cifarlab.config import DataConfig
     from cifarlab.data import load_data
     from cifarlab.train import train
-    from cifarlab.tune import TuneSettings, best_config, default_space, run_study
+    from cifarlab.tune import TuneSettings, best_config, load_space, run_study
 
     a.work.mkdir(parents=True, exist_ok=True)
     results_path = a.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    space = default_space("airnet", a.epochs, a.fraction)
+    space = load_space(a.space)
+    fid = space.fidelity
     data_cfg = DataConfig(source=a.data or os.environ.get("CIFARLAB_DATA"))
     full = None
     t_all = time.perf_counter()
@@ -103,9 +104,10 @@ def main() -> None:
     body = "\n".join([
         "## Tuning real CIFAR-10 (`bench/tune_cifar.py`)",
         "",
-        f"Machine: {machine()}. Data: the shared JPEG copy of CIFAR-10. Built-in airnet space "
-        f"(8 parameters), {a.trials} trials per study at {a.epochs:g} epoch(s) on "
-        f"{a.fraction:g} of the training split, validation loss on 5,000 held-out training "
+        f"Machine: {machine()}. Data: the shared JPEG copy of CIFAR-10. Space "
+        f"`{a.space.name}` ({len(space.params)} parameters of {fid.model}), {a.trials} trials "
+        f"per study at {fid.epochs:g} epoch(s) on {fid.train_fraction:g} of the training "
+        "split, validation loss on 5,000 held-out training "
         f"images, no pruning (equal budgets), seeds {a.seeds}. The best configuration of each "
         f"study was retrained on all 50,000 training images for {a.retrain_epochs:g} epochs "
         "and evaluated once on the 10,000 test images (TTA 2). Total wall time "

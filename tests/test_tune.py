@@ -90,6 +90,12 @@ def test_study_finds_a_better_configuration_and_reports(capsys, learnable, tmp_p
     code, out, _ = call(capsys, "tune", "show", str(study_dir), "--json")
     assert code == 0 and json.loads(out)["n_complete"] == 10
 
+    # the same study with another fidelity is refused before any training
+    code, _, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "12", "--epochs",
+                                           "5", space=space_file))
+    assert code == 5 and "different search space" in err
+    assert len(open_study(study_dir).trials) == 10
+
 
 def test_nan_trial_is_failed_with_its_reason_and_the_study_goes_on(capsys, learnable,
                                                                     tmp_path):

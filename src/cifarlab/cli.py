@@ -209,8 +209,8 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
     study_dir = study_dir or Path("studies") / (name or "study")
     if space_file is not None:
         space = load_space(space_file, model=model, epochs=epochs, train_fraction=train_fraction)
-    elif storage is not None and model is None and epochs is None and train_fraction is None:
-        space = None  # join: the space stored in the study
+    elif model is None and epochs is None and train_fraction is None:
+        space = None  # the study's own space when it exists (resume, join), else the built-in
     else:
         space = default_space(model or "airnet", epochs if epochs is not None else 2.0,
                               train_fraction if train_fraction is not None else 0.25)
@@ -222,12 +222,7 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
         timeout=timeout, data=cfg, quiet=quiet, heartbeat_interval=heartbeat,
         grace_period=3 * heartbeat)
-    if space is not None and not quiet:
-        click.echo("search space (" + ("built-in" if space_file is None else str(space_file))
-                   + "):")
-        for line in space.describe():
-            click.echo("  " + line)
-    study, interrupted = run_study(settings, space)
+    study, interrupted = run_study(settings, space, announce=None if quiet else click.echo)
     for line in summarize(study).lines():
         click.echo(line)
     click.echo(f"study folder: {study_dir}")

@@ -158,15 +158,23 @@ def study_space(study: optuna.Study) -> SearchSpace:
 # ------------------------------------------------------------------------------- running
 
 
-def run_study(settings: TuneSettings, space: SearchSpace | None) -> tuple[optuna.Study, bool]:
+def run_study(settings: TuneSettings, space: SearchSpace | None,
+              announce: Callable[[str], Any] | None = None) -> tuple[optuna.Study, bool]:
     """Create the study (or join the one already there) and run its workers to the end.
 
-    ``space`` is ``None`` to join an existing study with the space stored in it. Returns the
+    ``space`` is ``None`` to use the space stored in an existing study, or the built-in space
+    for a new one; a different space for an existing study is an error. Returns the
     study (see :func:`summarize`) and whether Ctrl-C stopped it.
     """
     settings.study_dir.mkdir(parents=True, exist_ok=True)
     study = _create_or_join(settings, space)
     space = study_space(study)
+    if announce is not None:
+        done = len(study.trials)
+        announce(f"study {settings.name} ({_redact(settings.storage_url)}): "
+                 + (f"resuming with {done} trial(s) stored" if done else "new"))
+        for line in space.describe():
+            announce("  " + line)
     if settings.devices and settings.workers < len(settings.devices):
         settings.workers = len(settings.devices)
     interrupted = _worker(settings, 0) if settings.workers == 1 else _spawn_workers(settings)
@@ -181,9 +189,9 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
         created = False
     except KeyError:
         if space is None:
-            raise StudyError(f"No study named {settings.name!r} in "
-                             f"{_redact(settings.storage_url)} to join; give a search space "
-                             "to create it.") from None
+            from cifarlab.tune.space import default_space
+
+            space = default_space()
         study = optuna.create_study(study_name=settings.name, storage=storage,
                                     direction="minimize", load_if_exists=True)
         created = True
