@@ -235,3 +235,14 @@ def test_two_machines_join_one_postgres_study(learnable, tmp_path, space_file):
     # the folder records where the study lives, without a password
     ref = json.loads((tmp_path / "m0" / "study.json").read_text())
     assert ref["study_name"] == name and ":cifarlab@" not in ref["storage"]
+
+
+def test_same_seed_same_study(capsys, learnable, tmp_path, space_file):
+    """One worker, one seed: the same trials in the same order with the same results."""
+    runs = []
+    for name in ("a", "b"):
+        code, _, err = call(capsys, *tune_args(learnable, tmp_path / name, "--trials", "6",
+                                               "--startup", "3", space=space_file))
+        assert code == 0, err
+        runs.append([(t.params, t.value, t.state) for t in open_study(tmp_path / name).trials])
+    assert runs[0] == runs[1]
