@@ -265,6 +265,57 @@ def tune_report(study: Path, out: Path | None, storage: str | None) -> None:
         click.echo(str(f))
 
 
+# -------------------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Server processes, each with its own model, batcher and cache.")
+@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True,
+              help="Most images in one forward pass (1 turns micro-batching off).")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Under load, how long a partial batch waits for more (never when idle).")
+@click.option("--max-queue", type=click.IntRange(1), default=1024, show_default=True,
+              help="Images waiting for a forward pass before requests get 503.")
+@click.option("--cache-size", type=click.IntRange(0), default=10_000, show_default=True,
+              help="Predictions cached by SHA-256 of the upload and model version (LRU).")
+@click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=10.0,
+              show_default=True, help="Largest request body; bigger ones get 413.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              show_default=True)
+@click.option("--tta", type=click.IntRange(0, 2), default=0, show_default=True,
+              help="Test-time augmentation per image (0 none, 1 mirror, 2 + translations).")
+@click.option("--runs-root", type=click.Path(path_type=Path), default=None,
+              help="Folder whose run folders POST /v1/reload may load [default: RUN's parent].")
+def serve(run: Path, host: str, port: int, workers: int, max_batch: int, max_wait_ms: float,
+          max_queue: int, cache_size: int, max_upload_mb: float, precision: str, tta: int,
+          runs_root: Path | None) -> None:
+    """Serve a run folder: a web page at / and a REST API (/v1/predict, KServe v2, /metrics)."""
+    import os
+
+    import uvicorn
+
+    from cifarlab.runs import load_run
+    from cifarlab.serve.app import ENV_SETTINGS, ServeSettings, create_app, settings_json
+
+    load_run(run)  # a bad run folder fails here, with its message, before the port is bound
+    settings = ServeSettings(
+        run=str(run.resolve()), runs_root=str(runs_root.resolve()) if runs_root else None,
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        cache_size=cache_size, max_upload_bytes=int(max_upload_mb * 2**20), precision=precision,
+        tta=tta)
+    click.echo(f"serving {run} at http://{host}:{port}/  (Ctrl-C stops)")
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    else:
+        os.environ[ENV_SETTINGS] = settings_json(settings)
+        uvicorn.run("cifarlab.serve.app:app_from_env", factory=True, host=host, port=port,
+                    workers=workers, log_level="warning")
+
+
 # ----------------------------------------------------------------------- evaluate / predict
 
 

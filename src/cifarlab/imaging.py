@@ -19,8 +19,12 @@ from cifarlab.errors import DataError
 
 __all__ = [
     "BACKGROUND",
+    "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "CorruptImage",
+    "ImageTooLarge",
+    "UnsupportedImage",
     "decode_image",
     "fit_square",
     "to_rgb",
@@ -29,6 +33,19 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 MAX_PIXELS = 64_000_000  # refuse larger images from the header, before decoding
+IMAGE_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF"})  # Pillow format names
+
+
+class UnsupportedImage(DataError):
+    """Not an image, or an image format cifarlab does not accept."""
+
+
+class ImageTooLarge(DataError):
+    """The header declares more pixels than the limit (a decompression bomb, or just huge)."""
+
+
+class CorruptImage(DataError):
+    """A recognised image that cannot be decoded: truncated or damaged."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -79,11 +96,14 @@ def decode_image(
     *,
     name: str | None = None,
     max_pixels: int = MAX_PIXELS,
+    formats: frozenset[str] | None = None,
 ) -> np.ndarray:
     """Decode one image into a ``size``×``size``×3 uint8 array (``size=None`` keeps its size).
 
-    Raises :class:`DataError` naming the file when it is not an image, is truncated, or is larger
-    than ``max_pixels`` according to its header (checked before any pixel is decoded).
+    Raises a :class:`DataError` naming the file: :class:`UnsupportedImage` when it is not an
+    image (or its format is not in ``formats``), :class:`ImageTooLarge` when its header declares
+    more than ``max_pixels`` (checked before any pixel is decoded), :class:`CorruptImage` when
+    it is truncated or damaged.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
@@ -93,27 +113,37 @@ def decode_image(
             try:
                 img = Image.open(fp)
             except UnidentifiedImageError as exc:
-                raise DataError(
+                raise UnsupportedImage(
                     f"{label}: not a readable image (supported: PNG, JPEG, WebP, BMP, GIF)."
                 ) from exc
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise DataError(f"{label}: image is too large to decode safely ({exc}).") from exc
+                raise ImageTooLarge(
+                    f"{label}: image is too large to decode safely ({exc}).") from exc
+            except (OSError, ValueError, SyntaxError, EOFError) as exc:
+                raise CorruptImage(f"{label}: image header is damaged ({exc}).") from exc
+            if formats is not None and img.format not in formats:
+                raise UnsupportedImage(
+                    f"{label}: {img.format} images are not accepted; use PNG, JPEG, WebP, BMP "
+                    "or GIF.")
             w, h = img.size
             if w * h > max_pixels:
-                raise DataError(
+                raise ImageTooLarge(
                     f"{label}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels; "
                     "downscale the image first."
                 )
             if w == 0 or h == 0:
-                raise DataError(f"{label}: image has zero size.")
+                raise CorruptImage(f"{label}: image has zero size.")
             try:
                 img.load()
                 rgb = to_rgb(img)
                 if size is not None:
                     rgb = fit_square(rgb, size)
                 arr = np.asarray(rgb, dtype=np.uint8)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise ImageTooLarge(
+                    f"{label}: image is too large to decode safely ({exc}).") from exc
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
-                raise DataError(f"{label}: image is corrupt or truncated ({exc}).") from exc
+                raise CorruptImage(f"{label}: image is corrupt or truncated ({exc}).") from exc
     finally:
         fp.close()
     if arr.ndim != 3 or arr.shape[2] != 3:  # pragma: no cover - to_rgb guarantees RGB

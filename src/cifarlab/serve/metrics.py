@@ -1,0 +1,91 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps in one process)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("cifarlab_requests", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("cifarlab_request_seconds", "Request latency in seconds",
+                                 ["route"], buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("cifarlab_batch_size", "Images per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.queue_seconds = Histogram("cifarlab_queue_seconds",
+                                       "Time an image waited for its forward pass",
+                                       buckets=_LATENCY, registry=r)
+        self.cache_hits = Counter("cifarlab_cache_hits", "Predictions served from the cache",
+                                  registry=r)
+        self.cache_misses = Counter("cifarlab_cache_misses", "Predictions computed",
+                                    registry=r)
+        self.queue_depth = Gauge("cifarlab_queue_depth", "Images waiting for a forward pass",
+                                 registry=r)
+        self.model_info = Gauge("cifarlab_model_info", "The served model (value 1)",
+                                ["name", "version"], registry=r)
+
+    def observe_batch(self, size: int, waits: list[float]) -> None:
+        self.batch_size.observe(size)
+        for w in waits:
+            self.queue_seconds.observe(w)
+
+    def cache(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
+
+    def set_model(self, name: str, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name, version).set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def middleware_class(self) -> Any:
+        metrics = self
+
+        class _Timing:
+            """Counts requests by route template (not raw path: bounded label values)."""
+
+            def __init__(self, app: ASGIApp):
+                self.app = app
+
+            async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+                if scope["type"] != "http":
+                    await self.app(scope, receive, send)
+                    return
+                t0 = time.perf_counter()
+                status = 500
+
+                async def send_status(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                    await send(message)
+
+                try:
+                    await self.app(scope, receive, send_status)
+                finally:
+                    route = scope.get("route")
+                    path = getattr(route, "path", None) or "unmatched"
+                    if path.startswith("/static"):
+                        path = "/static"
+                    metrics.requests.labels(path, scope["method"], str(status)).inc()
+                    metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+        return _Timing

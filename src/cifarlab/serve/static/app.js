@@ -1,0 +1,91 @@
+// cifarlab page: choose, drop or paste an image; POST it to /v1/predict; draw the top-5 bars.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const recent = [];
+
+function pct(p) { return (p * 100).toFixed(1) + "%"; }
+
+async function loadModel() {
+  try {
+    const r = await fetch("/v1/model");
+    const m = await r.json();
+    if (!r.ok) throw new Error(m.error ? m.error.message : r.statusText);
+    const acc = m.test_accuracy == null ? "n/a" : pct(m.test_accuracy);
+    $("model").textContent = `${m.name} (${m.model}, version ${m.version}) · test accuracy ${acc}`;
+    $("classes").textContent = m.classes.join(", ");
+    for (const r of m.recent.slice().reverse()) remember(r.filename, r.top[0]);
+  } catch (e) {
+    $("model").textContent = "model not ready: " + e.message + " (retrying)";
+    setTimeout(loadModel, 1000);
+  }
+}
+
+function remember(name, top) {
+  recent.unshift({ name, top });
+  recent.length = Math.min(recent.length, 8);
+  const ul = $("recent");
+  ul.replaceChildren(...recent.map((r) => {
+    const li = document.createElement("li");
+    li.textContent = `${r.name}: ${r.top.class} (${pct(r.top.probability)})`;
+    return li;
+  }));
+}
+
+function showBars(top) {
+  $("bars").replaceChildren(...top.map((t) => {
+    const li = document.createElement("li");
+    li.className = "pred";
+    const name = document.createElement("span");
+    name.className = "cls";
+    name.textContent = t.class;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.style.width = pct(t.probability);
+    bar.append(fill);
+    const p = document.createElement("span");
+    p.className = "p";
+    p.textContent = pct(t.probability);
+    li.append(name, bar, p);
+    return li;
+  }));
+}
+
+async function classify(file) {
+  if (!file) return;
+  const preview = $("preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("status").textContent = "Classifying " + (file.name || "pasted image") + "…";
+  const form = new FormData();
+  form.append("file", file, file.name || "pasted.png");
+  try {
+    const r = await fetch("/v1/predict", { method: "POST", body: form });  // top 5 (or all)
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
+    const pred = body.predictions[0];
+    $("status").textContent = `${pred.top[0].class} · ${body.timing.total_ms.toFixed(1)} ms` +
+      (pred.cached ? " (cached)" : "");
+    $("status").dataset.top = pred.top[0].class;
+    showBars(pred.top);
+    remember(pred.filename, pred.top[0]);
+  } catch (e) {
+    $("status").textContent = "Error: " + e.message;
+    $("bars").replaceChildren();
+  }
+}
+
+const drop = $("drop");
+$("file").addEventListener("change", (e) => classify(e.target.files[0]));
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  classify(e.dataTransfer.files[0]);
+});
+document.addEventListener("paste", (e) => {
+  const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
+  if (item) classify(item.getAsFile());
+});
+loadModel();
