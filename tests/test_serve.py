@@ -430,7 +430,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
                     reason="needs Debian's chromium (`.ci/run` installs it)")
 def test_page_in_headless_chromium(server, tmp_path):
-    assert CHROMIUM, "CI must provide chromium (see .ci/system-deps.sh)"
+    assert CHROMIUM, "CI must provide chromium (see .ci/chromium.sh)"
     from playwright.sync_api import sync_playwright
 
     png = tmp_path / "upload.png"
