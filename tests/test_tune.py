@@ -148,7 +148,7 @@ def _popen(args: list[str]) -> subprocess.Popen[str]:
                             text=True, env=os.environ.copy())
 
 
-SLOW_SPACE = SPACE.replace("epochs: 3", "epochs: 40")
+SLOW_SPACE = SPACE.replace("epochs: 3", "epochs: 20")
 
 
 def test_study_resumes_after_sigkill_keeping_every_completed_trial(learnable, tmp_path):
