@@ -453,3 +453,28 @@ def test_page_in_headless_chromium(server, tmp_path):
         # usable at phone width: nothing wider than the screen
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         browser.close()
+
+
+def test_several_server_workers(run_dir):
+    """--workers N: uvicorn processes built by the app factory, each with its own model."""
+    port = _free_port()
+    proc = subprocess.Popen([CIFARLAB, "serve", str(run_dir), "--port", str(port), "--workers",
+                             "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        ok = 0
+        while time.monotonic() < deadline and ok < 10:
+            try:
+                r = httpx.post(f"{url}/v1/predict", files={"file": ("a.png", image_bytes(3))},
+                               timeout=5)
+                ok += r.status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read() if proc.stderr else "server died")
+        assert ok == 10
+    finally:
+        proc.terminate()
+        proc.wait(10)
