@@ -276,7 +276,8 @@ def _worker(settings: TuneSettings, index: int) -> bool:
     """Run trials until the budget is used; True if Ctrl-C stopped it."""
     from cifarlab.data import load_data
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failed trial is reported by the live table with its reason; Optuna would add a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study0 = optuna.load_study(study_name=settings.name, storage=_storage(settings.storage_url))
     space = study_space(study0)
     base = space.base_config()
