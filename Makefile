@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(BIN)/cifarlab evaluate runs/$(DEMO_NAME)
 	@echo "study folder: studies/$(DEMO_NAME)   report: studies/$(DEMO_NAME)/report/index.html"
 	@echo "run folder:   runs/$(DEMO_NAME)"
-	@echo "serve it:     cifarlab serve runs/$(DEMO_NAME)   (not built yet: the serve issue)"
+	@echo "serve it:     $(BIN)/cifarlab serve runs/$(DEMO_NAME)   (then open http://127.0.0.1:8000/)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/train.py throughput
