@@ -25,6 +25,7 @@ class ServedModel:
     precision: str  # fp32 | bf16
     tta: int
     info: dict[str, Any] = field(default_factory=dict)
+    _norm: Any = field(default=None, repr=False)  # built once, on the first forward
 
     @property
     def classes(self) -> list[str]:
@@ -39,9 +40,10 @@ class ServedModel:
         from cifarlab.train import Normalizer, predict_logits
 
         cpu = torch.device("cpu")
+        if self._norm is None:
+            self._norm = Normalizer(self.run.mean, self.run.std, cpu)
         batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        logits = predict_logits(self.run.model, batch, Normalizer(self.run.mean, self.run.std,
-                                                                 cpu), cpu, self.precision,
+        logits = predict_logits(self.run.model, batch, self._norm, cpu, self.precision,
                                 self.tta)
         return torch.softmax(logits.float(), dim=1).numpy()
 

@@ -39,7 +39,6 @@ from cifarlab.tune.space import SearchSpace
 
 __all__ = ["StudyRef", "TuneSettings", "best_config", "open_study", "run_study", "summarize"]
 
-log = logging.getLogger(__name__)
 # Heartbeats and their retry callback are marked experimental in Optuna 5.0; they are what
 # lets a study survive a killed worker, and Optuna is pinned, so the warning is only noise.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -183,22 +182,14 @@ def run_study(settings: TuneSettings, space: SearchSpace | None,
 
 
 def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna.Study:
-    storage = _storage(settings.storage_url)
-    try:
-        study = optuna.load_study(study_name=settings.name, storage=storage)
-        created = False
-    except KeyError:
-        if space is None:
-            from cifarlab.tune.space import default_space
+    from cifarlab.tune.space import default_space
 
-            space = default_space()
-        study = optuna.create_study(study_name=settings.name, storage=storage,
-                                    direction="minimize", load_if_exists=True)
-        created = True
+    # load_if_exists: two machines starting the same command at once end up in one study
+    study = optuna.create_study(study_name=settings.name, storage=_storage(settings.storage_url),
+                                direction="minimize", load_if_exists=True)
     stored = study.user_attrs.get(SPACE_ATTR)
-    if created or stored is None:
-        assert space is not None
-        study.set_user_attr(SPACE_ATTR, space.to_dict())
+    if stored is None:
+        study.set_user_attr(SPACE_ATTR, (space or default_space()).to_dict())
         study.set_user_attr(SETTINGS_ATTR, {
             "sampler": settings.sampler, "pruner": settings.pruner, "seed": settings.seed,
             "cifarlab": __version__, "optuna": optuna.__version__})
@@ -278,7 +269,8 @@ def _worker(settings: TuneSettings, index: int) -> bool:
 
     # A failed trial is reported by the live table with its reason; Optuna would add a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study0 = optuna.load_study(study_name=settings.name, storage=_storage(settings.storage_url))
+    storage = _storage(settings.storage_url, settings)
+    study0 = optuna.load_study(study_name=settings.name, storage=storage)
     space = study_space(study0)
     base = space.base_config()
     base.data = DataConfig(**{**asdict(settings.data),
@@ -299,13 +291,13 @@ def _worker(settings: TuneSettings, index: int) -> bool:
                  else default_startup(settings.n_trials))
     study = optuna.load_study(
         study_name=settings.name,
-        storage=_storage(settings.storage_url, settings),
+        storage=storage,
         sampler=make_sampler(settings.sampler, seed, n_startup),
         pruner=make_pruner(settings.pruner, math.ceil(space.fidelity.epochs)),
     )
     stop = _StopFlag()
     table = LiveTable(prefix=f"w{index} " if settings.workers > 1 else "",
-                      quiet=settings.quiet, params=[p.name for p in space.params])
+                      quiet=settings.quiet)
     objective = Objective(space, base, data, stop, train_seed=settings.seed)
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     table.header()
@@ -477,9 +469,9 @@ class _TrialWatch(Callback):
 class LiveTable:
     """One fixed-width row per finished trial, printed by the worker that ran it."""
 
-    def __init__(self, prefix: str = "", quiet: bool = False, params: list[str] | None = None,
+    def __init__(self, prefix: str = "", quiet: bool = False,
                  write: Callable[[str], None] | None = None):
-        self.prefix, self.quiet, self.params = prefix, quiet, params or []
+        self.prefix, self.quiet = prefix, quiet
         self.write = write or (lambda s: print(s, flush=True))
 
     def header(self) -> None:
