@@ -159,6 +159,12 @@ def test_study_resumes_after_sigkill_keeping_every_completed_trial(learnable, tm
                      "none", space=space)
     proc = _popen(args)
     _wait_for(study_dir, lambda s: s.get("COMPLETE", 0) >= 2 and s.get("RUNNING", 0) == 1)
+    # kill it while training, not in the instant between creating a trial and sampling it
+    deadline = time.monotonic() + 60
+    while not any(t.state == TrialState.RUNNING and t.params
+                  for t in open_study(study_dir).trials):
+        assert time.monotonic() < deadline, "no trial ever started training"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     before = {t.number: t.value for t in open_study(study_dir).trials
