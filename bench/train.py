@@ -28,15 +28,15 @@ from cifarlab.train import Callback, TrainState, autocast, evaluate, train
 def throughput(args: argparse.Namespace) -> None:
     """Steady-state training img/s of each model on random data of CIFAR shape."""
     torch.manual_seed(0)
-    dev = torch.device("cpu")
+    dev = torch.device(args.device)
     rows = []
     for name in args.models or list_models():
         bs = args.batch_size or get_spec(name).recipe.get("batch_size", 1024)
-        x = torch.randn(bs, 3, 32, 32)
-        y = torch.randint(0, 10, (bs,))
+        x = torch.randn(bs, 3, 32, 32, device=dev)
+        y = torch.randint(0, 10, (bs,), device=dev)
         for precision in ("fp32", "bf16"):
             for layout in ("contiguous", "channels_last"):
-                model = create_model(name)
+                model = create_model(name).to(dev)
                 if hasattr(model, "init_from_data"):
                     model.init_from_data(x)
                 xb = x
@@ -53,6 +53,8 @@ def throughput(args: argparse.Namespace) -> None:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
                     if step >= args.warmup:
                         times.append(time.perf_counter() - t0)
                 times.sort()
@@ -64,7 +66,8 @@ def throughput(args: argparse.Namespace) -> None:
         "## Training throughput",
         "",
         f"Machine: {machine()}.",
-        "Command: `python bench/train.py throughput`. Batch size = the model's recipe, median of "
+        f"Command: `python bench/train.py throughput --device {args.device} --steps {args.steps} "
+        f"--warmup {args.warmup}`. Batch size = the model's recipe, median of "
         f"{args.steps} steps after {args.warmup} warm-up steps, forward + backward + SGD step, "
         "random CIFAR-shaped data. Ratios are against fp32/contiguous of the same model in the "
         "same run.",
@@ -74,7 +77,8 @@ def throughput(args: argparse.Namespace) -> None:
     ]
     lines += [f"| {m} | {p} | {lay} | {b} | {v:.0f} | {v / base[m]:.2f} |"
               for m, p, lay, b, v in rows]
-    write_section("train-throughput", "\n".join(lines))
+    write_section("train-throughput" + ("" if dev.type == "cpu" else f"-{dev.type}"),
+                  "\n".join(lines))
 
 
 class _TestCurve(Callback):
@@ -101,17 +105,19 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     cfg.data.source = args.data
     cfg.data.val_size = 0  # the full 50,000 training images
     cfg.seed = args.seed
+    cfg.device = args.device
     data = load_data(cfg.data)
     curve = _TestCurve(data, cfg.device)
     result = train(cfg, [curve], data=data, progress=False)
     print(json.dumps({"test_acc_tta": result.test_acc, "train_seconds": result.train_seconds,
                       "precision": result.precision}))
+    on = "" if result.device == "cpu" else f" on {result.device}"
     lines = [
-        f"## Time to accuracy: {args.model}, {args.epochs} epochs, seed {args.seed}",
+        f"## Time to accuracy: {args.model}, {args.epochs} epochs, seed {args.seed}{on}",
         "",
         f"Machine: {machine()}.",
         f"Command: `python bench/train.py tta --model {args.model} --epochs {args.epochs} "
-        f"--seed {args.seed}` on the real CIFAR-10 (JPEG copy in `../shared/datasets`), "
+        f"--seed {args.seed} --device {args.device}` on the real CIFAR-10 (JPEG copy in `../shared/datasets`), "
         f"trained on all 50,000 training images, precision {result.precision}. Training seconds "
         "exclude the per-epoch test evaluation, which is done only for this curve.",
         "",
@@ -124,7 +130,9 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
         f"Final test accuracy with flip+translate TTA: **{result.test_acc * 100:.2f}%** after "
         f"**{result.train_seconds:.0f} s** of training ({result.train_seconds / 60:.1f} min).",
     ]
-    write_section(f"tta-{args.model}-{args.epochs}e", "\n".join(lines))
+    suffix = ("" if result.device == "cpu" else f"-{result.device.split(':')[0]}") + (
+        f"-s{args.seed}" if args.seed else "")
+    write_section(f"tta-{args.model}-{args.epochs}e{suffix}", "\n".join(lines))
 
 
 def main() -> None:
@@ -135,11 +143,13 @@ def main() -> None:
     t.add_argument("--batch-size", type=int, default=None, help="default: each model's recipe")
     t.add_argument("--steps", type=int, default=8)
     t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--device", default="cpu")
     a = sub.add_parser("tta")
     a.add_argument("--model", default="airnet")
     a.add_argument("--epochs", type=float, default=9.9)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data", default=None)
+    a.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     args = p.parse_args()
     throughput(args) if args.cmd == "throughput" else time_to_accuracy(args)
 
