@@ -55,25 +55,23 @@ def build_run(model: str, root: Path) -> Path:
     return root / "runs" / model
 
 
-def raw_forward(run: Path, precision: str) -> tuple[float, float]:
-    """(images/s in batches of 64, seconds of one single-image forward), the server's way."""
-    from cifarlab.serve.model import load_served_model
-
-    m = load_served_model(run, precision=precision)
+def raw_forward(model, seconds: float = 5.0) -> tuple[float, float]:
+    """(images/s in batches of 64, seconds of one single-image forward), the server's way:
+    ``ServedModel.forward`` on uint8 images, on this process's one torch thread team."""
     x64 = np.random.default_rng(0).integers(0, 255, (64, 32, 32, 3), np.uint8)
     for _ in range(3):
-        m.forward(x64)
+        model.forward(x64)
     t0 = time.perf_counter()
     n = 0
-    while time.perf_counter() - t0 < 5:
-        m.forward(x64)
+    while time.perf_counter() - t0 < seconds:
+        model.forward(x64)
         n += 64
     rate = n / (time.perf_counter() - t0)
     one = x64[:1]
     times = []
     for _ in range(200):
         t = time.perf_counter()
-        m.forward(one)
+        model.forward(one)
         times.append(time.perf_counter() - t)
     return rate, float(np.median(times))
 
@@ -161,12 +159,13 @@ def main() -> None:
     p.add_argument("--model", default="airnet")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--rounds", type=int, default=3, help="paired raw/server rounds")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        from cifarlab.serve.model import load_served_model
+
         run = build_run(a.model, Path(tmp))
-        raw_rate, one_forward = raw_forward(run, a.precision)
-        print(f"raw forward: {raw_rate:.0f} img/s (batch 64), single {one_forward * 1000:.2f} ms",
-              flush=True)
+        model = load_served_model(run, precision=a.precision)
         images = [png(i) for i in range(256)]
         rows = []
         results: dict[tuple[str, int], tuple[float, float, float, int]] = {}
@@ -185,6 +184,19 @@ def main() -> None:
                           f"p99 {p99:7.2f} ms  errors {errors}", flush=True)
                     rows.append(f"| {label} | {c} | {n} | {rate:.0f} | {p50:.2f} | {p99:.2f} | "
                                 f"{errors} |")
+                if max_batch != "1":
+                    # Paired rounds for the targets: raw forward and server back to back, so a
+                    # noisy neighbour on this shared machine hits both sides of each ratio.
+                    paired = []
+                    for r in range(a.rounds):
+                        raw_rate, one = raw_forward(model, 3.0)
+                        c64, _, _, e64 = asyncio.run(drive(server.port, reqs, a.requests, 64))
+                        _, lat1, e1 = asyncio.run(drive(server.port, reqs, 300, 1))
+                        p50_1 = float(np.median(lat1))
+                        paired.append((raw_rate, one, c64, p50_1, e64 + e1))
+                        print(f"round {r + 1}: raw {raw_rate:.0f} img/s, c=64 {c64:.0f} req/s "
+                              f"({c64 / raw_rate:.2f}); single {one * 1000:.2f} ms, c=1 p50 "
+                              f"{p50_1 * 1000:.2f} ms (+{(p50_1 - one) * 1000:.2f})", flush=True)
             finally:
                 server.close()
         server = Server(run, "--cache-size", "1000", "--precision", a.precision)
@@ -199,8 +211,12 @@ def main() -> None:
 
     on64 = results[("batching on", 64)][0]
     off64 = results[("batching off", 64)][0]
-    p50_1 = results[("batching on", 1)][1]
-    errors = sum(r[3] for r in results.values()) + hit_err
+    ratios = [c64 / raw for raw, _, c64, _, _ in paired]
+    extra_ms = [(p50 - one) * 1000 for _, one, _, p50, _ in paired]
+    ratio, extra = float(np.median(ratios)), float(np.median(extra_ms))
+    raw_rate = float(np.median([r[0] for r in paired]))
+    one_forward = float(np.median([r[1] for r in paired]))
+    errors = sum(r[3] for r in results.values()) + hit_err + sum(r[4] for r in paired)
     lines = [
         "## Serving (`bench/serve.py`)",
         "",
@@ -210,7 +226,8 @@ def main() -> None:
         "request from 256 distinct images, in the same machine (client and server share the "
         "2 cores). Cache off except in the last row.",
         "",
-        f"Raw forward, the server's own code path: **{raw_rate:.0f} images/s** in batches of 64; "
+        f"Raw forward, the server's own code path (`ServedModel.forward` in the benchmark's "
+        f"process), median of the paired rounds: **{raw_rate:.0f} images/s** in batches of 64; "
         f"one image: **{one_forward * 1000:.2f} ms**.",
         "",
         "| server | concurrency | requests | req/s | p50 ms | p99 ms | errors |",
@@ -219,13 +236,23 @@ def main() -> None:
         f"| cache hits (one image, cache on) | 8 | {a.requests} | {hit_rate:.0f} | "
         f"{hp50:.2f} | {hp99:.2f} | {hit_err} |",
         "",
-        "Targets:",
-        f"- throughput at concurrency 64 ≥ 70% of raw batched forward: {on64:.0f} / "
-        f"{raw_rate:.0f} = {on64 / raw_rate * 100:.0f}%: "
-        + ("met." if on64 >= 0.7 * raw_rate else "MISSED."),
-        f"- p50 latency at concurrency 1 within 5 ms of a single forward pass: {p50_1:.2f} ms "
-        f"vs {one_forward * 1000:.2f} ms (+{p50_1 - one_forward * 1000:.2f} ms): "
-        + ("met." if p50_1 - one_forward * 1000 <= 5 else "MISSED."),
+        f"Paired rounds (batching on): each round measures the raw forward (3 s), then the server "
+        f"at concurrency 64 ({a.requests} requests) and at concurrency 1 (300 requests), so "
+        "each ratio compares figures taken within seconds of each other.",
+        "",
+        "| round | raw img/s | c=64 req/s | ratio | single forward ms | c=1 p50 ms | difference ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {i + 1} | {raw:.0f} | {c64:.0f} | {c64 / raw:.2f} | {one * 1000:.2f} | "
+          f"{p50 * 1000:.2f} | {(p50 - one) * 1000:+.2f} |"
+          for i, (raw, one, c64, p50, _) in enumerate(paired)],
+        "",
+        "Targets (medians over the paired rounds):",
+        f"- throughput at concurrency 64 ≥ 70% of raw batched forward: {ratio * 100:.0f}% "
+        f"(rounds: {', '.join(f'{r * 100:.0f}%' for r in ratios)}): "
+        + ("met." if ratio >= 0.7 else "MISSED."),
+        f"- p50 latency at concurrency 1 within 5 ms of a single forward pass: {extra:+.2f} ms "
+        f"(rounds: {', '.join(f'{x:+.2f}' for x in extra_ms)}): "
+        + ("met." if extra <= 5 else "MISSED."),
         f"- zero errors: {errors} errors in all runs: " + ("met." if errors == 0 else "MISSED."),
         f"- cache hits at ≥ 1,000 req/s: {hit_rate:.0f}: "
         + ("met." if hit_rate >= 1000 else "MISSED."),

@@ -295,13 +295,18 @@ def serve(run: Path, host: str, port: int, workers: int, max_batch: int, max_wai
           runs_root: Path | None) -> None:
     """Serve a run folder: a web page at / and a REST API (/v1/predict, KServe v2, /metrics)."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
     import uvicorn
 
     from cifarlab.runs import load_run
     from cifarlab.serve.app import ENV_SETTINGS, ServeSettings, create_app, settings_json
 
-    load_run(run)  # a bad run folder fails here, with its message, before the port is bound
+    # A bad run folder fails here, with its message, before the port is bound. The check runs
+    # on a thread that then exits: a thread that ran torch ops keeps an OpenMP team, and on a
+    # small CPU a second team slows the server's forward thread (see MicroBatcher.run).
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(load_run, run).result()
     settings = ServeSettings(
         run=str(run.resolve()), runs_root=str(runs_root.resolve()) if runs_root else None,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,

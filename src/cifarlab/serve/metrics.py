@@ -32,6 +32,9 @@ class Metrics:
         self.queue_seconds = Histogram("cifarlab_queue_seconds",
                                        "Time an image waited for its forward pass",
                                        buckets=_LATENCY, registry=r)
+        self.forward_seconds = Histogram("cifarlab_forward_seconds",
+                                         "Time of one batched forward pass (compute only)",
+                                         buckets=_LATENCY, registry=r)
         self.cache_hits = Counter("cifarlab_cache_hits", "Predictions served from the cache",
                                   registry=r)
         self.cache_misses = Counter("cifarlab_cache_misses", "Predictions computed",
@@ -45,6 +48,9 @@ class Metrics:
         self.batch_size.observe(size)
         for w in waits:
             self.queue_seconds.observe(w)
+
+    def observe_forward(self, seconds: float) -> None:
+        self.forward_seconds.observe(seconds)
 
     def cache(self, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()
