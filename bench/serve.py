@@ -190,7 +190,7 @@ def main() -> None:
                     paired = []
                     for r in range(a.rounds):
                         raw_rate, one = raw_forward(model, 3.0)
-                        c64, _, _, e64 = asyncio.run(drive(server.port, reqs, a.requests, 64))
+                        c64, _, e64 = asyncio.run(drive(server.port, reqs, a.requests, 64))
                         _, lat1, e1 = asyncio.run(drive(server.port, reqs, 300, 1))
                         p50_1 = float(np.median(lat1))
                         paired.append((raw_rate, one, c64, p50_1, e64 + e1))
