@@ -176,6 +176,13 @@ class AirNet(nn.Module):
         self.whiten.weight.copy_(w)
         self._whiten_bias.zero_()
 
+    @property
+    def frozen_by_design(self) -> list[str]:
+        """Parameters frozen on purpose (the doctor does not report them): the whitening
+        filters and BatchNorm's unit scales."""
+        return [n for n, p in self.named_parameters()
+                if not p.requires_grad and (n == "whiten.weight" or ".norm" in n)]
+
     def on_epoch_start(self, progress: float) -> None:
         """Train the whitening bias for the first 30% of epochs only, then freeze it."""
         self._whiten_bias.requires_grad = progress < 0.3

@@ -106,6 +106,7 @@ def finish_run(path: Path, result: TrainResult) -> None:
         "train_seconds": round(result.train_seconds, 2),
         "total_seconds": round(result.total_seconds, 2),
         "stopped_early": result.stopped_early,
+        "doctor": result.findings,
         "data_sha256": result.data_sha256,
         "data_source": result.source,
         "precision": result.precision,

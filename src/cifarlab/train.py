@@ -252,6 +252,7 @@ class TrainResult:
     precision: str
     device: str
     run_dir: Path | None = None
+    findings: list[dict[str, Any]] = field(default_factory=list)  # the doctor's, if it watched
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -345,13 +346,17 @@ def train(
     run_dir: Path | str | None = None,
     evaluate_test: bool = True,
     progress: bool = True,
+    doctor: bool = True,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.data`` and return the model with its metrics.
 
     Per-step and per-epoch metrics reach ``callbacks``; a callback may stop training by setting
     ``state.should_stop``. With ``run_dir``, a run folder is written as training goes (see
     :mod:`cifarlab.runs`). The test split is evaluated only at the end, and only when
-    ``evaluate_test`` is true. Raises :class:`ConfigError` for invalid settings.
+    ``evaluate_test`` is true. With ``doctor`` (the default) a
+    :class:`cifarlab.doctor.DoctorMonitor` watches the run, stops it on divergence, and its
+    findings land in ``result.findings`` (unless ``callbacks`` already hold a monitor).
+    Raises :class:`ConfigError` for invalid settings.
     """
     from tqdm.auto import tqdm
 
@@ -381,6 +386,13 @@ def train(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, reduction="sum")
     state = TrainState(config, model, optimizer, device, precision, total_steps, steps_per_epoch)
     run_path = runs.start_run(run_dir, config) if run_dir is not None else None
+    callbacks = list(callbacks)
+    monitor = next((cb for cb in callbacks if type(cb).__name__ == "DoctorMonitor"), None)
+    if doctor and monitor is None:
+        from cifarlab.doctor.monitor import DoctorMonitor
+
+        monitor = DoctorMonitor(num_classes=len(data.classes))
+        callbacks.append(monitor)
     for cb in callbacks:
         cb.on_train_start(state)
 
@@ -478,10 +490,12 @@ def train(
         data_sha256=data.data_sha256, source=data.source, precision=precision,
         device=str(device), run_dir=run_path,
     )
-    if run_path is not None:
-        runs.finish_run(run_path, result)
     for cb in callbacks:
         cb.on_train_end(state, result)
+    if monitor is not None:
+        result.findings = [f.to_dict() for f in monitor.report.findings]  # type: ignore[attr-defined]
+    if run_path is not None:
+        runs.finish_run(run_path, result)
     return result
 
 

@@ -1,0 +1,311 @@
+"""Findings: one per root cause, with severity, evidence, cause, fix and the rule's source.
+
+Every check in the doctor reports through :class:`Finding`. The catalogue :data:`RULES` holds what
+does not depend on the measurement (title, likely cause, fix, where the rule comes from); a check
+adds the evidence: the measured value against its threshold, and the step and module where it was
+seen.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RULES", "Finding", "Report", "Rule", "Severity"]
+
+IVANOV = "Ivanov, '37 Reasons why your Neural Network is not working' (2017)"
+KARPATHY = "Karpathy, 'A Recipe for Training Neural Networks' (2019)"
+SMITH = "Smith, 'Cyclical Learning Rates for Training Neural Networks' (2017), LR range test"
+CS231N = "CS231n notes, 'Babysitting the learning process' (update/weight ratio about 1e-3)"
+BARZ = "Barz & Denzler, 'Do We Train on Test Data?' (ciFAIR, 2020)"
+DEEPDIAG = "Wardat et al., 'DeepDiagnosis' (ICSE 2022), symptom catalogue"
+
+
+class Severity(enum.IntEnum):
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+    CRITICAL = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    title: str
+    cause: str
+    fix: str
+    source: str
+
+
+def _r(id: str, title: str, cause: str, fix: str, source: str) -> Rule:
+    return Rule(id, title, cause, fix, source)
+
+
+RULES: dict[str, Rule] = {r.id: r for r in [
+    # ------------------------------------------------------------------------------ data
+    _r("labels-range", "Labels outside 0..C-1",
+       "Labels are 1-based, or the class list is shorter than the labels.",
+       "Map labels to 0..C-1 (for 1-based labels subtract 1) and check the class list.", IVANOV),
+    _r("class-missing", "A class has no training images",
+       "A class folder is empty or was filtered out; the model can never predict it.",
+       "Add images for the class or drop it from the class list.", IVANOV),
+    _r("class-imbalance", "Classes are imbalanced beyond 3:1",
+       "Some classes have many more images than others; accuracy will favour them.",
+       "Resample or weight the loss by class, and report per-class accuracy.", IVANOV),
+    _r("input-unnormalized", "Inputs are not normalized (0-255 range fed as floats)",
+       "Pixels reach the model as 0..255 instead of being scaled and standardized.",
+       "Divide by 255 and standardize with the training split's mean and std.", IVANOV),
+    _r("input-scaled-twice", "Inputs are scaled twice",
+       "The /255 (or the standardization) is applied twice, so inputs are nearly constant.",
+       "Scale once: check the loader and the transform for a second /255 or normalization.",
+       IVANOV),
+    _r("input-std", "Per-channel std after normalization is outside [0.5, 2]",
+       "Normalization statistics do not fit the data the model sees.",
+       "Compute mean and std on the training split, after any resizing, and apply them once.",
+       IVANOV),
+    _r("norm-stats-not-train", "Normalization statistics do not come from the training split",
+       "Mean/std were computed on other data (ImageNet constants, the test split, or all data).",
+       "Compute per-channel mean and std on the training split only.", KARPATHY),
+    _r("channel-order", "Images look like HWC memory read as CHW",
+       "An H×W×C array was reshaped (not permuted) to C×H×W, scrambling pixels and channels.",
+       "Use permute(0, 3, 1, 2) (or numpy transpose) instead of reshape/view.", IVANOV),
+    _r("input-nonfinite", "Inputs contain NaN or Inf",
+       "A corrupt file, a division by zero in preprocessing, or a bad normalization constant.",
+       "Find the images with non-finite values and fix or drop them; check std for zeros.",
+       IVANOV),
+    _r("blank-images", "Constant or blank images",
+       "Some images have a single value everywhere (failed decodes, padding, or augmentation "
+       "that blanks images).", "Drop the blank files, or fix the augmentation that blanks them.",
+       IVANOV),
+    _r("duplicates-within", "Exact duplicates within a split",
+       "The same image appears more than once (by SHA-256 of its decoded pixels).",
+       "Deduplicate, keeping one copy; conflicting labels need a decision.", BARZ),
+    _r("train-test-leak", "Test images also appear in training",
+       "Exact copies of test images are in the training split (by SHA-256 of decoded pixels), "
+       "so test accuracy overstates generalization.",
+       "Remove the copies from training (`cifarlab data dupes` lists them).", BARZ),
+    _r("near-duplicates", "Near-duplicate train/test pairs (suspects)",
+       "Test images closely match training images (mirrored, brightness-shifted or re-encoded).",
+       "Look at the pairs; ciFAIR replaced such test images with new ones.", BARZ),
+    # ----------------------------------------------------------------------------- model
+    _r("params-not-in-optimizer", "Trainable parameters are missing from the optimizer",
+       "The optimizer was built before a layer was added, or from a subset of the parameters.",
+       "Build the optimizer from model.parameters() after the model is complete.", IVANOV),
+    _r("frozen-layer", "Layers are frozen (requires_grad=False)",
+       "A layer's weights were frozen, so it never learns.",
+       "Set requires_grad=True, or declare the layer as intentionally frozen.", IVANOV),
+    _r("softmax-before-ce", "Softmax or log-softmax in front of CrossEntropyLoss",
+       "CrossEntropyLoss applies log-softmax itself; a second one squashes the gradients.",
+       "Return raw logits from the model; apply softmax only for reporting.", IVANOV),
+    _r("stacked-linear", "Stacked linear layers with no nonlinearity between them",
+       "Two linear maps in a row collapse into one; the extra layer adds nothing.",
+       "Put an activation (ReLU/GELU) between the layers, or merge them.", IVANOV),
+    _r("wrong-mode", "BatchNorm or dropout in the wrong mode",
+       "model.eval() during training (or model.train() during evaluation).",
+       "Call model.train() before the training loop and model.eval() before evaluating.",
+       IVANOV),
+    # ------------------------------------------------------------------------- behaviour
+    _r("initial-loss", "Initial loss is far from ln C",
+       "At initialization a classifier should predict about uniformly: loss ≈ ln C. A much "
+       "larger loss means saturated logits (unnormalized inputs, a large init or output scale).",
+       "Check input scaling and the last layer's init (small weights, zero bias).", KARPATHY),
+    _r("cannot-overfit", "Cannot overfit one batch",
+       "The model cannot memorize 32 examples: the learning rate is far too low or too high, "
+       "weight decay dominates, gradients do not flow, or the architecture is broken.",
+       "Fix this first: overfitting one batch is the smallest test that training works.",
+       KARPATHY),
+    _r("label-leak", "Shuffled labels beat chance on validation",
+       "With random labels the model should not generalize; if it does, labels leak into the "
+       "inputs or the validation split overlaps training.",
+       "Look for label information in the inputs and for train/val overlap.", KARPATHY),
+    _r("no-label-signal", "The real labels carry no more signal than shuffled ones",
+       "Labels are shuffled or misaligned with their images, so nothing can be learned.",
+       "Check that images and labels are loaded and shuffled together.", IVANOV),
+    _r("ignores-input", "Training on real inputs is no better than on zero inputs",
+       "The model does not use its input: inputs are blanked, detached or overwritten.",
+       "Check augmentation and preprocessing for an operation that erases the image.",
+       KARPATHY),
+    _r("batch-dependence", "Samples in a batch depend on each other in eval mode",
+       "A reshape/view or a reduction mixes the batch dimension.",
+       "Check view/reshape calls: keep the batch dimension first and separate.", KARPATHY),
+    _r("nondeterministic-eval", "Two evaluation passes give different outputs",
+       "Dropout (or another stochastic layer) is active at evaluation.",
+       "Call model.eval() before evaluation.", IVANOV),
+    _r("lr-too-high", "The configured learning rate is above the LR range test's loss minimum",
+       "The learning rate is in the region where the loss rises: training will diverge or "
+       "oscillate.", "Use a learning rate near the suggestion (steepest descent).", SMITH),
+    _r("lr-too-low", "The configured learning rate is far below the LR range test's suggestion",
+       "Training will be very slow or stall.", "Raise the learning rate towards the suggestion.",
+       SMITH),
+    _r("lr-suggestion", "LR range test", "", "", SMITH),
+    # -------------------------------------------------------------------------- runtime
+    _r("nonfinite-loss", "The loss became NaN or Inf",
+       "A module produced NaN/Inf: too high a learning rate, a log or division of zero, or "
+       "NaN in the inputs.", "Start from the module named; lower the lr or fix the inputs.",
+       IVANOV),
+    _r("exploding-gradients", "Exploding gradients",
+       "Gradient norms spike far above their running median or the ratio between first and "
+       "last layer explodes.", "Lower the learning rate, clip gradients, check init.", DEEPDIAG),
+    _r("vanishing-gradients", "Vanishing gradients",
+       "The first layers get gradients orders of magnitude smaller than the last.",
+       "Use normalization, residual paths or better init; avoid saturating activations.",
+       DEEPDIAG),
+    _r("update-ratio", "Update-to-weight ratio outside [1e-4, 1e-2]",
+       "Each step changes the weights too much (lr too high) or too little (lr too low).",
+       "Adjust the learning rate so that updates are about 1e-3 of the weights.", CS231N),
+    _r("dead-channels", "Dead activation channels",
+       "Many channels never activate: dead ReLUs from a large lr or bad init.",
+       "Lower the lr, use a leaky activation or better init.", DEEPDIAG),
+    _r("plateau", "The loss stays above 0.9·ln C",
+       "The network is not learning: lr far too low, weights decayed to zero, labels noise.",
+       "Run the preflight checks; raise the lr; check weight decay and labels.", DEEPDIAG),
+    _r("params-never-change", "Parameters never change during training",
+       "Their gradient is always zero or None, or they are not in the optimizer.",
+       "Check the optimizer's parameter groups and that the layer is on the loss's path.",
+       IVANOV),
+    _r("grad-accumulation", "Gradients accumulate across optimizer steps",
+       "optimizer.zero_grad() is not called, so each step adds all previous gradients.",
+       "Call optimizer.zero_grad() once per step (or on purpose after an accumulation window).",
+       IVANOV),
+]}
+
+
+# Root causes outrank the symptoms they produce: one finding per root cause. Tier 0 are bugs in
+# data, model or training code; tier 1 are diagnoses of hyperparameters or initialization; tier
+# 2 are symptoms. When a lower tier holds an alarm, alarms of higher tiers become notes that say
+# which finding they are probably a consequence of.
+TIERS: dict[str, int] = {
+    **dict.fromkeys(["labels-range", "class-missing", "input-nonfinite", "input-unnormalized",
+                     "input-scaled-twice", "channel-order", "train-test-leak", "blank-images",
+                     "softmax-before-ce", "stacked-linear", "params-not-in-optimizer",
+                     "frozen-layer", "wrong-mode", "grad-accumulation", "nondeterministic-eval",
+                     "batch-dependence", "label-leak", "class-imbalance", "input-std",
+                     "norm-stats-not-train", "duplicates-within", "near-duplicates"], 0),
+    **dict.fromkeys(["lr-too-high", "lr-too-low", "no-label-signal", "ignores-input",
+                     "params-never-change", "nonfinite-loss", "lr-suggestion"], 1),
+    **dict.fromkeys(["cannot-overfit", "plateau", "update-ratio", "exploding-gradients",
+                     "vanishing-gradients", "dead-channels", "initial-loss"], 2),
+}
+
+
+@dataclass
+class Finding:
+    """One root cause, with the evidence that shows it."""
+
+    rule: str
+    severity: Severity
+    message: str  # the measurement in words: value against threshold
+    evidence: dict[str, Any] = field(default_factory=dict)  # value, threshold, step, module...
+
+    @property
+    def title(self) -> str:
+        return RULES[self.rule].title
+
+    def to_dict(self) -> dict[str, Any]:
+        r = RULES[self.rule]
+        return {"rule": self.rule, "severity": str(self.severity), "title": r.title,
+                "message": self.message, "evidence": _jsonable(self.evidence),
+                "cause": r.cause, "fix": r.fix, "source": r.source}
+
+    def one_line(self) -> str:
+        return f"{self.severity!s:8s} {self.rule}: {self.message}"
+
+
+@dataclass
+class Report:
+    """What the doctor found, plus the series its HTML page plots."""
+
+    findings: list[Finding] = field(default_factory=list)
+    checks_run: list[str] = field(default_factory=list)
+    series: dict[str, Any] = field(default_factory=dict)  # step -> loss, grad norms, ratios...
+    context: dict[str, Any] = field(default_factory=dict)  # model, data, seconds per phase
+
+    def add(self, rule: str, severity: Severity, message: str, **evidence: Any) -> Finding:
+        """Add a finding, keeping one per rule: a repeat with higher severity replaces it."""
+        if rule not in RULES:
+            raise KeyError(f"unknown doctor rule {rule!r}")
+        new = Finding(rule, severity, message, evidence)
+        for i, f in enumerate(self.findings):
+            if f.rule == rule:
+                if severity > f.severity:
+                    self.findings[i] = new
+                return self.findings[i]
+        self.findings.append(new)
+        return new
+
+    def extend(self, other: Report) -> None:
+        for f in other.findings:
+            self.add(f.rule, f.severity, f.message, **f.evidence)
+        self.checks_run += [c for c in other.checks_run if c not in self.checks_run]
+        self.series.update(other.series)
+        self.context.update(other.context)
+
+    def consolidate(self) -> Report:
+        """Keep alarms for the most basic root causes found; later-tier alarms become notes."""
+        alarms = [f for f in self.findings if f.severity >= Severity.WARNING]
+        if not alarms:
+            return self
+        root_tier = min(TIERS[f.rule] for f in alarms)
+        roots = [f.rule for f in alarms if TIERS[f.rule] == root_tier]
+        for f in alarms:
+            if TIERS[f.rule] > root_tier:
+                f.evidence["was"] = str(f.severity)
+                f.evidence["consequence_of"] = roots
+                f.severity = Severity.INFO
+                f.message += f" (probably a consequence of: {', '.join(roots)})"
+        return self
+
+    def alarms(self, at_least: Severity = Severity.WARNING) -> list[Finding]:
+        return [f for f in self.findings if f.severity >= at_least]
+
+    @property
+    def worst(self) -> Severity | None:
+        return max((f.severity for f in self.findings), default=None)
+
+    def exit_code(self) -> int:
+        """0 when nothing is an error, 1 otherwise (for CI use)."""
+        return 1 if self.worst is not None and self.worst >= Severity.ERROR else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        ordered = sorted(self.findings, key=lambda f: -f.severity)
+        return {"findings": [f.to_dict() for f in ordered], "checks_run": self.checks_run,
+                "context": _jsonable(self.context), "series": _jsonable(self.series)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        lines = []
+        for f in sorted(self.findings, key=lambda f: -f.severity):
+            r = RULES[f.rule]
+            lines.append(f"[{f.severity!s:>8}] {r.title}  ({f.rule})")
+            lines.append(f"           evidence: {f.message}")
+            if r.cause:
+                lines.append(f"           cause:    {r.cause}")
+            if r.fix:
+                lines.append(f"           fix:      {r.fix}")
+            lines.append(f"           source:   {r.source}")
+        n_err = sum(f.severity >= Severity.ERROR for f in self.findings)
+        n_warn = sum(f.severity == Severity.WARNING for f in self.findings)
+        lines.append(f"{len(self.checks_run)} checks run: {n_err} error(s), {n_warn} warning(s), "
+                     f"{len(self.findings) - n_err - n_warn} note(s).")
+        return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:  # NaN
+        return None
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

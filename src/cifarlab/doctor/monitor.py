@@ -1,0 +1,340 @@
+"""Runtime monitors: a trainer callback that watches training and stops it when it diverges.
+
+Cheap every step: the logits' finiteness (one reduction, read back). Every ``every`` steps (a
+"sample"): gradient norms per layer, update-to-weight ratios, activation statistics, the loss.
+Those are the expensive ones, so sampling keeps the cost within a few percent of training time
+(bench/doctor.py measures it). Findings come out at the end (or at the divergence that stops
+training), one per root cause, in :attr:`DoctorMonitor.report`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarlab.doctor.findings import Report, Severity
+from cifarlab.train import Callback, TrainState
+
+__all__ = ["DoctorMonitor"]
+
+_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.ReLU6)
+_MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d)
+
+
+class DoctorMonitor(Callback):
+    """Watches a training run through :class:`cifarlab.train.Callback`.
+
+    Args:
+        every: sample every this many steps (``None``: about 4 samples per epoch, at most 25
+            steps apart).
+        num_classes: for the plateau rule (loss above 0.9·ln C); read from the model's output
+            when not given.
+        stop_on_divergence: set ``state.should_stop`` when the loss becomes non-finite or blows
+            up, with the finding as the stop reason.
+        intentionally_frozen: parameter names that are frozen on purpose.
+    """
+
+    def __init__(self, every: int | None = None, num_classes: int | None = None,
+                 stop_on_divergence: bool = True, intentionally_frozen: Sequence[str] = ()):
+        self.every_arg = every
+        self.every = every or 25
+        self.num_classes = num_classes
+        self.stop_on_divergence = stop_on_divergence
+        self.frozen = set(intentionally_frozen)
+        self.report = Report()
+        self.series: dict[str, list[Any]] = {"step": [], "loss": [], "grad_norm": [],
+                                              "update_ratio": [], "active_fraction": []}
+        self._hooks: list[Any] = []
+        self._armed = False
+        self._acts: dict[str, torch.Tensor] = {}
+        self._dead_seen: dict[str, torch.Tensor] = {}
+        self._ratios: dict[str, list[float]] = {}
+        self._first_last: list[float] = []
+        self._norms: list[float] = []
+        self._prev: dict[str, torch.Tensor] = {}
+        self._start: dict[str, torch.Tensor] = {}
+        self._input: torch.Tensor | None = None
+        self._logits_bad = False
+        self._replayed = False
+        self._steps_since_backward = 0
+        self._high_loss = 0
+        self._model: nn.Module | None = None
+
+    # ------------------------------------------------------------------------ wiring
+
+    def on_train_start(self, state: TrainState) -> None:
+        model = self._model = state.model
+        if self.every_arg is None:
+            self.every = max(1, min(25, state.steps_per_epoch // 4))
+        if not self.frozen:
+            self.frozen = set(getattr(model, "frozen_by_design", ()))
+        self._start = {n: p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad}
+        self._hooks.append(model.register_forward_pre_hook(self._root_pre))
+        self._hooks.append(model.register_forward_hook(self._root_post))
+        for name, m in model.named_modules():
+            if isinstance(m, _ACTIVATIONS):
+                self._hooks.append(m.register_forward_hook(
+                    lambda mod, inp, out, name=name: self._activation(name, out)))
+            if isinstance(m, _MODE_SENSITIVE):
+                self._hooks.append(m.register_forward_pre_hook(
+                    lambda mod, inp, name=name: self._mode(name, mod)))
+        self._hooks.append(state.optimizer.register_step_pre_hook(self._before_step))
+        self._hooks.append(state.optimizer.register_step_post_hook(self._after_step))
+        probe = next((p for n, p in model.named_parameters() if p.requires_grad), None)
+        if probe is not None:
+            self._hooks.append(probe.register_hook(lambda g: self._grad_arrives(probe)))
+        self.report.checks_run += ["nonfinite-loss", "exploding-gradients",
+                                   "vanishing-gradients", "update-ratio", "dead-channels",
+                                   "plateau", "params-never-change", "grad-accumulation",
+                                   "wrong-mode", "blank-images"]
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module.training and torch.is_grad_enabled() and args:
+            self._input = args[0]  # a reference, no copy: for the NaN replay and blank check
+
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if module.training and torch.is_grad_enabled() and isinstance(out, torch.Tensor):
+            if not bool(torch.isfinite(out.detach()).all()):
+                self._logits_bad = True
+            if self.num_classes is None and out.ndim == 2:
+                self.num_classes = int(out.shape[1])
+
+    def _activation(self, name: str, out: Any) -> None:
+        if self._armed and isinstance(out, torch.Tensor) and out.ndim >= 2:
+            with torch.no_grad():
+                o = out.detach()
+                dims = [0, *range(2, o.ndim)]
+                self._acts[name] = (o > 0).float().amax(dim=dims).cpu()  # per channel
+
+    def _mode(self, name: str, module: nn.Module) -> None:
+        if self._armed and torch.is_grad_enabled() and not module.training:
+            self.report.add("wrong-mode", Severity.ERROR,
+                            f"{name} ({type(module).__name__}) ran in eval mode during a "
+                            "training step", module=name)
+
+    def _grad_arrives(self, p: torch.Tensor) -> None:
+        if self._steps_since_backward >= 1 and p.grad is not None and bool(p.grad.any()):
+            self.report.add("grad-accumulation", Severity.ERROR,
+                            "a gradient arrived while the previous step's gradient was still "
+                            "in .grad after optimizer.step()", step=self._step)
+        self._steps_since_backward = 0
+
+    def _before_step(self, opt: torch.optim.Optimizer, *args: Any) -> None:
+        if self._logits_bad and not self._replayed:
+            self._replayed = True
+            self._replay(self._step + 1)  # the step now running (steps count from 1)
+
+    def _after_step(self, opt: torch.optim.Optimizer, *args: Any) -> None:
+        self._steps_since_backward += 1
+
+    _step = 0
+
+    # ------------------------------------------------------------------------- per step
+
+    def on_step_end(self, state: TrainState, loss: torch.Tensor, inputs: torch.Tensor,
+                    labels: torch.Tensor) -> None:
+        self._step = state.step
+        if self._logits_bad:
+            if not self._replayed:
+                self._replayed = True
+                self._replay(state.step)
+            if self.stop_on_divergence:
+                f = next((f for f in self.report.findings
+                          if f.rule in ("nonfinite-loss", "input-nonfinite")), None)
+                state.should_stop = True
+                state.stop_reason = f"doctor: {f.message}" if f else "doctor: non-finite loss"
+            return
+        if self._armed:
+            self._armed = False
+            self._sample(state, float(loss))
+        if (state.step + 1) % self.every == 0 or state.step == 0:
+            self._armed = True
+            self._prev = {n: p.detach().clone() for n, p in state.model.named_parameters()
+                          if p.requires_grad and p.ndim >= 2}
+
+    def _sample(self, state: TrainState, loss: float) -> None:
+        model = state.model
+        s = self.series
+        s["step"].append(state.step)
+        s["loss"].append(loss)
+        # gradient norms, per layer (weights only)
+        grads = [(n, p.grad) for n, p in model.named_parameters()
+                 if p.grad is not None and p.ndim >= 2]
+        total = math.sqrt(sum(float(g.float().pow(2).sum()) for _, g in grads)) if grads else 0.0
+        s["grad_norm"].append(total)
+        if len(grads) >= 2:
+            rms = [float(g.float().pow(2).mean().sqrt()) for _, g in grads]
+            if rms[-1] > 0:
+                self._first_last.append(rms[0] / rms[-1])
+        if len(self._norms) >= 5 and total > 20 * float(np.median(self._norms)) and total > 0:
+            self.report.add("exploding-gradients", Severity.WARNING,
+                            f"gradient norm {total:.3g} at step {state.step} is "
+                            f"{total / float(np.median(self._norms)):.0f}× its running median",
+                            value=total, threshold=20 * float(np.median(self._norms)),
+                            step=state.step)
+        self._norms.append(total)
+        # update-to-weight ratios
+        ratios = {}
+        for n, p in model.named_parameters():
+            prev = self._prev.get(n)
+            if prev is None:
+                continue
+            den = float(prev.float().norm())
+            if den > 0:
+                ratios[n] = float((p.detach().float() - prev.float()).norm()) / den
+                self._ratios.setdefault(n, []).append(ratios[n])
+        s["update_ratio"].append(ratios)
+        # activations
+        frac = {}
+        for name, ever_pos in self._acts.items():
+            frac[name] = float(ever_pos.mean())
+            seen = self._dead_seen.get(name)
+            self._dead_seen[name] = ever_pos if seen is None else torch.maximum(seen, ever_pos)
+        s["active_fraction"].append(frac)
+        self._acts = {}
+        if self._input is not None and self._input.ndim >= 2:
+            x = self._input.detach().float().flatten(1)
+            blank = (x.amax(1) - x.amin(1)) < 1e-6
+            if float(blank.float().mean()) > 0.5:
+                self.report.add("blank-images", Severity.WARNING,
+                                f"{int(blank.sum())} of {len(blank)} images the model received "
+                                f"at step {state.step} are constant (augmentation or "
+                                "preprocessing blanks them)", step=state.step,
+                                count=int(blank.sum()))
+        # divergence: a loss far above chance level for three samples in a row
+        c = self.num_classes or 10
+        if math.isfinite(loss) and loss > 5 * math.log(c):
+            self._high_loss += 1
+            if self._high_loss >= 3:
+                self.report.add("exploding-gradients", Severity.ERROR,
+                                f"the loss diverged: {loss:.3g} at step {state.step} (above "
+                                f"5·ln C = {5 * math.log(c):.2f} for 3 samples)", value=loss,
+                                threshold=5 * math.log(c), step=state.step)
+                if self.stop_on_divergence:
+                    state.should_stop = True
+                    state.stop_reason = f"doctor: loss diverged ({loss:.3g})"
+        else:
+            self._high_loss = 0
+
+    def _replay(self, step: int) -> None:
+        """Find the first module whose output is NaN/Inf by replaying the batch with hooks.
+        Runs before the optimizer step when it can, so the weights are still the ones that
+        produced the non-finite logits."""
+        model, x = self._model, self._input
+        if model is None or x is None:
+            self.report.add("nonfinite-loss", Severity.CRITICAL,
+                            f"non-finite logits at step {step}", step=step)
+            return
+        if not bool(torch.isfinite(x).all()):
+            n = int((~torch.isfinite(x.detach()).flatten(1).all(1)).sum())
+            self.report.add("input-nonfinite", Severity.CRITICAL,
+                            f"{n} of {len(x)} inputs at step {step} contain NaN/Inf; "
+                            "the loss became non-finite", step=step, count=n)
+            return
+        bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        first: list[str] = []
+        hooks = []
+        for name, m in model.named_modules():
+            if name and not list(m.children()):
+                def hook(mod: nn.Module, inp: Any, out: Any, name: str = name) -> None:
+                    if not first and isinstance(out, torch.Tensor) and \
+                            not bool(torch.isfinite(out).all()):
+                        first.append(name)
+                hooks.append(m.register_forward_hook(hook))
+        was = model.training
+        try:
+            with torch.no_grad():
+                model.train(was)
+                model(x.detach())
+        finally:
+            for h in hooks:
+                h.remove()
+        where = first[0] if first else "the loss (the logits were finite)"
+        extra = f"; parameters already non-finite: {', '.join(bad_params[:3])}" \
+            if bad_params else ""
+        self.report.add("nonfinite-loss", Severity.CRITICAL,
+                        f"non-finite values first appear in {where} at step {step}{extra}",
+                        module=where, step=step, nonfinite_params=bad_params[:10])
+
+    # --------------------------------------------------------------------------- the end
+
+    def on_train_end(self, state: TrainState, result: Any) -> None:
+        self.finish(state)
+
+    def finish(self, state: TrainState) -> Report:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        model = state.model
+        c = self.num_classes or 10
+        ln_c = math.log(c)
+        losses = [v for v in self.series["loss"] if math.isfinite(v)]
+        if len(losses) >= 4 and state.step >= 0.3 * max(1, state.total_steps) and \
+                not self._logits_bad:
+            tail = float(np.median(losses[-max(2, len(losses) // 4):]))
+            if tail > 0.9 * ln_c:
+                self.report.add("plateau", Severity.WARNING,
+                                f"the loss is {tail:.3f} after {state.step} steps, above 0.9·ln C "
+                                f"= {0.9 * ln_c:.3f}", value=tail, threshold=0.9 * ln_c,
+                                step=state.step)
+        if len(self._first_last) >= 3 and not self._logits_bad:
+            r = float(np.median(self._first_last))
+            if r < 1e-3:
+                self.report.add("vanishing-gradients", Severity.WARNING,
+                                f"first/last layer gradient RMS ratio is {r:.2g} (< 1e-3)",
+                                value=r, threshold=1e-3)
+            elif r > 1e3:
+                self.report.add("exploding-gradients", Severity.WARNING,
+                                f"first/last layer gradient RMS ratio is {r:.2g} (> 1e3)",
+                                value=r, threshold=1e3)
+        if not self._logits_bad:
+            self._ratio_findings()
+            self._dead_findings()
+            unchanged = [n for n, p in model.named_parameters()
+                         if n in self._start and n not in self.frozen
+                         and torch.equal(p.detach(), self._start[n])]
+            if unchanged and state.step > 0:
+                self.report.add("params-never-change", Severity.ERROR,
+                                f"{len(unchanged)} trainable tensors never changed in "
+                                f"{state.step} steps: {', '.join(unchanged[:5])}",
+                                modules=unchanged)
+        self.report.series["monitor"] = self.series
+        return self.report
+
+    def _ratio_findings(self) -> None:
+        """Error when a layer's median ratio is outside [1e-5, 1e-1]; warning when most layers
+        are outside [1e-4, 1e-2] (one small layer, such as a head, may sit a little outside)."""
+        meds = {n: float(np.median(v)) for n, v in self._ratios.items()
+                if len(v) >= 3 and float(np.median(v)) > 0}
+        if not meds:
+            return
+        self.report.context["update_ratio_median"] = meds
+        far = {n: m for n, m in meds.items() if m > 1e-1 or m < 1e-5}
+        out = {n: m for n, m in meds.items() if m > 1e-2 or m < 1e-4}
+        if far:
+            n, m = max(far.items(), key=lambda kv: abs(math.log10(kv[1]) + 3))
+            self.report.add("update-ratio", Severity.ERROR,
+                            f"median update/weight ratio of {n} is {m:.2g} (outside [1e-5, "
+                            f"1e-1]); {len(far)} of {len(meds)} layers that far out",
+                            value=m, threshold=[1e-5, 1e-1], module=n)
+        elif len(out) > len(meds) / 2:
+            n, m = max(out.items(), key=lambda kv: abs(math.log10(kv[1]) + 3))
+            self.report.add("update-ratio", Severity.WARNING,
+                            f"{len(out)} of {len(meds)} layers have a median update/weight "
+                            f"ratio outside [1e-4, 1e-2], e.g. {n} at {m:.2g}",
+                            value=m, threshold=[1e-4, 1e-2], module=n)
+
+    def _dead_findings(self) -> None:
+        for name, ever in self._dead_seen.items():
+            dead = float((ever == 0).float().mean())
+            if dead > 0.5 and len(ever) >= 4:
+                self.report.add("dead-channels", Severity.WARNING,
+                                f"{dead:.0%} of {name}'s {len(ever)} channels never activated "
+                                "in any sampled batch", value=dead, threshold=0.5, module=name)
+                return

@@ -1,0 +1,141 @@
+"""What the doctor examines: a model, the tensors it is fed, its loss and its optimizer.
+
+:class:`Subject` works for any ``torch.nn.Module``; :func:`subject_from_config` builds one from a
+cifarlab config and dataset, exactly as :func:`cifarlab.train.train` would feed it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["StepFn", "Subject", "default_step", "subject_from_config"]
+
+StepFn = Callable[[nn.Module, torch.optim.Optimizer, Callable[..., torch.Tensor], torch.Tensor,
+                   torch.Tensor], torch.Tensor]
+
+
+def default_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+    """One ordinary training step; returns the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@dataclass
+class Subject:
+    """A model with its data as fed (``train_x``: N×C×H×W floats, after any normalization),
+    its loss and optimizer.
+
+    ``make_model`` builds a fresh model for the behavioural tests (default: a deep copy of
+    ``model`` as it is now); ``optimizer`` is the configured optimizer, copied with the same
+    hyperparameters for each test; ``step_fn`` is the user's own training step when it is not
+    the ordinary one. ``images`` (N×H×W×C uint8) and ``pixel_sha256`` enable the dataset checks
+    that need raw pixels (blank images, duplicates, leaks); ``test_*`` are for the leak checks.
+    """
+
+    model: nn.Module
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    num_classes: int
+    loss_fn: Callable[..., torch.Tensor] = field(default_factory=nn.CrossEntropyLoss)
+    optimizer: torch.optim.Optimizer | None = None
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    make_model: Callable[[], nn.Module] | None = None
+    step_fn: StepFn = default_step
+    mean: Sequence[float] | None = None  # normalization constants in use, if known (0-1 scale)
+    std: Sequence[float] | None = None
+    images: np.ndarray | None = None  # raw training images, N×H×W×C uint8
+    labels_all: np.ndarray | None = None  # every training label (train_x may be a sample)
+    pixel_sha256: np.ndarray | None = None
+    test_images: np.ndarray | None = None
+    test_pixel_sha256: np.ndarray | None = None
+    filenames: Sequence[str] | None = None
+    test_filenames: Sequence[str] | None = None
+    intentionally_frozen: Sequence[str] = ()  # parameter names frozen on purpose
+    batch_size: int = 32
+
+    def fresh_model(self) -> nn.Module:
+        return self.make_model() if self.make_model is not None else copy.deepcopy(self.model)
+
+    def optimizer_for(self, model: nn.Module, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+        """The configured optimizer's class and hyperparameters, over ``model``'s parameters."""
+        if self.optimizer is None:
+            return torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                   lr=0.01 * lr_scale, momentum=0.9)
+        by_name = dict(model.named_parameters())
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        groups = []
+        for g in self.optimizer.param_groups:
+            params = [by_name[names[id(p)]] for p in g["params"] if id(p) in names]
+            opts = {k: v for k, v in g.items() if k not in ("params", "initial_lr")}
+            opts["lr"] = opts["lr"] * lr_scale
+            groups.append({**opts, "params": params})
+        return type(self.optimizer)(groups)  # type: ignore[call-arg]
+
+    def context(self) -> dict[str, Any]:
+        return {"model": type(self.model).__name__, "train_samples": len(self.train_x),
+                "val_samples": 0 if self.val_x is None else len(self.val_x),
+                "classes": self.num_classes, "input_shape": list(self.train_x.shape[1:]),
+                "optimizer": type(self.optimizer).__name__ if self.optimizer else None}
+
+
+def subject_from_config(config: Any, data: Any, sample: int = 4096,
+                        val_sample: int = 2048) -> Subject:
+    """A :class:`Subject` fed as :func:`cifarlab.train.train` feeds ``config``'s model:
+    the same model (with its data-dependent init), normalization, loss and optimizer.
+    ``train_x`` is a stratified random sample of at most ``sample`` training images."""
+    from cifarlab.models import create_model
+    from cifarlab.train import Normalizer, build_optimizer, to_device_images
+
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(config.seed)
+    train = data.train
+    pick = np.sort(rng.permutation(len(train))[:sample])
+    norm = Normalizer(data.mean, data.std, cpu)
+    x = norm(to_device_images(train.images[pick], cpu))
+    y = torch.from_numpy(train.labels[pick].astype(np.int64))
+    vx = vy = None
+    if data.val is not None and len(data.val):
+        vpick = np.sort(rng.permutation(len(data.val))[:val_sample])
+        vx = norm(to_device_images(data.val.images[vpick], cpu))
+        vy = torch.from_numpy(data.val.labels[vpick].astype(np.int64))
+    size = train.images.shape[1]
+    n_classes = len(data.classes)
+    whiten_pick = np.sort(rng.permutation(len(train))[:5000])
+    whiten_x = norm(to_device_images(train.images[whiten_pick], cpu))
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(config.seed)
+        m = create_model(config.model, n_classes, config.width, size)
+        init = getattr(m, "init_from_data", None)
+        if callable(init):
+            init(whiten_x)
+        return m
+
+    model = make_model()
+    optimizer, _ = build_optimizer(model, config, total_steps=1000)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, reduction="sum")
+    frozen = tuple(getattr(model, "frozen_by_design", ()))
+    return Subject(
+        model=model, train_x=x, train_y=y, num_classes=n_classes, loss_fn=loss_fn,
+        optimizer=optimizer, val_x=vx, val_y=vy, make_model=make_model,
+        mean=list(data.mean), std=list(data.std), images=train.images,
+        labels_all=train.labels, pixel_sha256=train.pixel_sha256,
+        test_images=data.test.images if data.test is not None else None,
+        test_pixel_sha256=data.test.pixel_sha256 if data.test is not None else None,
+        filenames=train.filenames, test_filenames=data.test.filenames if data.test else None,
+        intentionally_frozen=frozen, batch_size=32,
+    )
