@@ -92,9 +92,10 @@ def cli(verbose: bool) -> None:
               show_default=True)
 @click.option("--no-test", is_flag=True, help="Do not evaluate on the test split at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch table or progress bar.")
+@click.option("--no-doctor", is_flag=True, help="Do not run the doctor's training monitors.")
 def train(model: str, config_file: Path | None, from_study: Path | None, data: Path | None,
           image_size: int | None, skip_bad: bool, runs_dir: Path, name: str | None,
-          no_test: bool, quiet: bool, **overrides: Any) -> None:
+          no_test: bool, quiet: bool, no_doctor: bool, **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
     from cifarlab.config import TrainConfig
     from cifarlab.models import get_spec
@@ -138,7 +139,7 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
     run_dir = runs_dir / (name or default_run_name(cfg.model))
     callbacks = [] if quiet else [EpochTable()]
     result = run_training(cfg, callbacks, run_dir=run_dir, evaluate_test=not no_test,
-                          progress=not quiet)
+                          progress=not quiet, doctor=not no_doctor)
     for label, loss, acc in (("val", result.val_loss, result.val_acc),
                              ("test", result.test_loss, result.test_acc)):
         if acc is not None:
@@ -147,7 +148,76 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
     click.echo(f"trained in {result.train_seconds:.1f} s ({result.precision}, {result.device})")
     if result.stopped_early:
         click.echo(f"stopped early: {result.stopped_early}")
+    for f in result.findings:
+        if f["severity"] in ("warning", "error", "critical"):
+            click.echo(f"doctor: [{f['severity']}] {f['title']}: {f['message']} "
+                       f"(fix: {f['fix']})")
     click.echo(f"run folder: {run_dir}")
+
+
+# ------------------------------------------------------------------------------- doctor
+
+
+@cli.command()
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="airnet", show_default=True)
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A config.json (a run folder's, or one you wrote).")
+@_data_options
+@click.option("--epochs", type=float, default=1.0, show_default=True,
+              help="Monitored training run after the preflight checks (0: preflight only).")
+@click.option("--val-size", type=int, default=None, help="Validation images taken from train.")
+@click.option("--train-fraction", type=float, default=None, help="Stratified subsample of train.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Learning rate per 1024 examples.")
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--width", type=float, default=None, help="Width multiplier.")
+@click.option("--seed", type=int, default=None)
+@click.option("--no-behaviour", is_flag=True,
+              help="Skip the behavioural tests (overfit one batch, label signal, LR range).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write the report as JSON.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
+              help="Write the report as one HTML page with plots.")
+def doctor(model: str, config_file: Path | None, data: Path | None, image_size: int | None,
+           skip_bad: bool, epochs: float, no_behaviour: bool, json_path: Path | None,
+           html_path: Path | None, **overrides: Any) -> None:
+    """Diagnose why a network is not learning: preflight checks on the data and the model,
+    behavioural tests, then a monitored training run. Exit code 1 on an error (for CI)."""
+    from cifarlab.config import TrainConfig
+    from cifarlab.data import load_data
+    from cifarlab.doctor import diagnose_config
+    from cifarlab.doctor.html import render_html
+    from cifarlab.files import atomic_write_text
+
+    if config_file is not None:
+        try:
+            cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
+        except json.JSONDecodeError as exc:
+            raise CifarlabError(f"{config_file}: not valid JSON ({exc}).") from exc
+    else:
+        cfg = TrainConfig.for_model(model)
+    if data is not None:
+        cfg.data.source = str(data)
+    cfg.data.image_size = image_size or cfg.data.image_size
+    cfg.data.skip_bad = skip_bad or cfg.data.skip_bad
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        target = cfg.data if key in ("val_size", "train_fraction") else (
+            cfg if hasattr(cfg, key) else cfg.optim)
+        setattr(target, key, value)
+    cfg.validate()
+    report = diagnose_config(cfg, load_data(cfg.data), epochs=epochs,
+                             behaviour=not no_behaviour)
+    click.echo(report.to_text())
+    if json_path is not None:
+        atomic_write_text(json_path, report.to_json())
+        click.echo(f"JSON report: {json_path}")
+    if html_path is not None:
+        atomic_write_text(html_path, render_html(report, f"cifarlab doctor: {cfg.model}"))
+        click.echo(f"HTML report: {html_path}")
+    sys.exit(report.exit_code())
 
 
 # --------------------------------------------------------------------------------- tune

@@ -179,15 +179,26 @@ class DoctorMonitor(Callback):
                             value=total, threshold=20 * float(np.median(self._norms)),
                             step=state.step)
         self._norms.append(total)
-        # update-to-weight ratios
+        # update-to-weight ratios. For SGD the update is lr·grad, CS231n's definition (momentum
+        # and weight decay left out); for other optimizers (Adam rescales the gradient) it is the
+        # change the step actually made.
         ratios = {}
+        sgd_lr = {id(p): g["lr"] for g in state.optimizer.param_groups for p in g["params"]} \
+            if isinstance(state.optimizer, torch.optim.SGD) else None
         for n, p in model.named_parameters():
             prev = self._prev.get(n)
             if prev is None:
                 continue
             den = float(prev.float().norm())
-            if den > 0:
+            if den <= 0:
+                continue
+            if sgd_lr is not None:
+                if p.grad is None or id(p) not in sgd_lr:
+                    continue
+                ratios[n] = sgd_lr[id(p)] * float(p.grad.float().norm()) / den
+            else:
                 ratios[n] = float((p.detach().float() - prev.float()).norm()) / den
+            if loss > 0.1 * math.log(self.num_classes or 10):  # a fitted model has tiny grads
                 self._ratios.setdefault(n, []).append(ratios[n])
         s["update_ratio"].append(ratios)
         # activations

@@ -387,6 +387,8 @@ def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Ten
     curve = []
     for step in range(steps):
         s.step_fn(model, opt, loss_fn, xb, yb)
+        if (step + 1) % 5 and step + 1 < steps:
+            continue  # measured every 5 steps: each measurement is a forward pass
         with torch.no_grad():  # train mode, as the step saw it (eval-mode BN stats lag)
             loss = float(F.cross_entropy(model(xb).float(), yb))
         curve.append(loss)
@@ -396,30 +398,36 @@ def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Ten
         if loss < target:
             reached = step + 1
             break
-    report.series["overfit_one_batch"] = curve
+    report.series["overfit_one_batch"] = {"step": [5 * (i + 1) for i in range(len(curve))],
+                                          "loss": curve}
     if reached is None:
+        done = min(steps, 5 * len(curve))
         report.add("cannot-overfit", Severity.ERROR,
-                   f"after {len(curve)} steps on one batch of 32 the loss is "
+                   f"after {done} steps on one batch of 32 the loss is "
                    f"{curve[-1]:.3g} (best {best:.3g}); target < 0.05·ln C = {target:.3f} "
-                   f"within {steps} steps", value=best, threshold=target, step=len(curve))
+                   f"within {steps} steps", value=best, threshold=target, step=done)
     else:
         report.context["overfit_steps"] = reached
 
 
 def _short_train(s: Subject, x: torch.Tensor, y: torch.Tensor, steps: int,
                  gen: torch.Generator, batch: int = 64) -> tuple[nn.Module, float]:
-    """A throw-away model trained for ``steps``; returns it with its mean plain cross-entropy
-    on its own training batches over the last quarter of the steps."""
+    """A throw-away model trained for ``steps``; returns it with its mean training loss per
+    sample over the last quarter of the steps."""
     model = s.fresh_model()
     opt = s.optimizer_for(model)
     late = []
     for k in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        s.step_fn(model, opt, s.loss_fn, x[idx], y[idx])
+        loss = s.step_fn(model, opt, s.loss_fn, x[idx], y[idx])
         if k >= steps * 3 // 4:
-            with torch.no_grad():
-                late.append(float(F.cross_entropy(model(x[idx]).float(), y[idx])))
+            late.append(_per_sample(s, loss, batch))
     return model, float(np.mean(late)) if late else float("nan")
+
+
+def _per_sample(s: Subject, loss: torch.Tensor, n: int) -> float:
+    value = float(loss)
+    return value / n if getattr(s.loss_fn, "reduction", "mean") == "sum" else value
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -485,11 +493,7 @@ def _lr_range(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
         for g, b in zip(opt.param_groups, base, strict=True):
             g["lr"] = b * scale
         idx = torch.randint(0, len(x), (64,), generator=gen)
-        model.train()
-        s.step_fn(model, opt, loss_fn, x[idx], y[idx])
-        with torch.no_grad():
-            model.eval()
-            loss = float(F.cross_entropy(model(x[idx]).float(), y[idx]))
+        loss = _per_sample(s, s.step_fn(model, opt, loss_fn, x[idx], y[idx]), 64)
         if not math.isfinite(loss):
             break
         smooth = loss if smooth is None else 0.8 * smooth + 0.2 * loss

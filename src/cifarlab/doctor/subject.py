@@ -98,7 +98,13 @@ def subject_from_config(config: Any, data: Any, sample: int = 4096,
     the same model (with its data-dependent init), normalization, loss and optimizer.
     ``train_x`` is a stratified random sample of at most ``sample`` training images."""
     from cifarlab.models import create_model
-    from cifarlab.train import Normalizer, build_optimizer, to_device_images
+    from cifarlab.train import (
+        Normalizer,
+        autocast,
+        build_optimizer,
+        resolve_precision,
+        to_device_images,
+    )
 
     cpu = torch.device("cpu")
     rng = np.random.default_rng(config.seed)
@@ -129,9 +135,23 @@ def subject_from_config(config: Any, data: Any, sample: int = 4096,
     optimizer, _ = build_optimizer(model, config, total_steps=1000)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, reduction="sum")
     frozen = tuple(getattr(model, "frozen_by_design", ()))
+    precision = resolve_precision(config.precision, cpu)
+
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer,
+             loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
+             y: torch.Tensor) -> torch.Tensor:
+        """The trainer's step: bf16 autocast where the trainer would use it."""
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(cpu, precision):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach().float()
+
     return Subject(
         model=model, train_x=x, train_y=y, num_classes=n_classes, loss_fn=loss_fn,
-        optimizer=optimizer, val_x=vx, val_y=vy, make_model=make_model,
+        optimizer=optimizer, val_x=vx, val_y=vy, make_model=make_model, step_fn=step,
         mean=list(data.mean), std=list(data.std), images=train.images,
         labels_all=train.labels, pixel_sha256=train.pixel_sha256,
         test_images=data.test.images if data.test is not None else None,
