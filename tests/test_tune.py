@@ -117,8 +117,11 @@ fixed: {batch_size: 32, label_smoothing: 0.0}
     for t in failed:
         assert t.params["lr"] == 1e12
         assert t.user_attrs["fail_kind"] == "nonfinite"
-        assert "nan" in t.user_attrs["fail_reason"].lower() or "inf" in t.user_attrs[
+        assert "non-finite" in t.user_attrs["fail_reason"].lower() or "nan" in t.user_attrs[
             "fail_reason"].lower()
+        # the doctor's finding travels with the failed trial, naming where NaN/Inf appeared
+        assert t.user_attrs["doctor"][0]["rule"] == "nonfinite-loss", t.user_attrs["doctor"]
+        assert "first appear in" in t.user_attrs["doctor"][0]["message"]
     assert all(t.params["lr"] == 2.0 for t in complete)
     assert "failed x" in out  # the summary lists the reasons
 

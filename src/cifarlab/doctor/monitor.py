@@ -53,13 +53,14 @@ class DoctorMonitor(Callback):
         self._armed = False
         self._acts: dict[str, torch.Tensor] = {}
         self._dead_seen: dict[str, torch.Tensor] = {}
-        self._ratios: dict[str, list[float]] = {}
+        self._ratios: dict[str, list[tuple[int, float]]] = {}
         self._first_last: list[float] = []
         self._norms: list[float] = []
         self._prev: dict[str, torch.Tensor] = {}
         self._start: dict[str, torch.Tensor] = {}
         self._input: torch.Tensor | None = None
         self._logits_bad = False
+        self._bad_flag: torch.Tensor | None = None  # accelerators: NaN seen since last sample
         self._replayed = False
         self._steps_since_backward = 0
         self._high_loss = 0
@@ -100,8 +101,11 @@ class DoctorMonitor(Callback):
 
     def _root_post(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if module.training and torch.is_grad_enabled() and isinstance(out, torch.Tensor):
-            if not bool(torch.isfinite(out.detach()).all()):
-                self._logits_bad = True
+            bad = ~torch.isfinite(out.detach()).all()
+            if out.device.type == "cpu":  # reading it back is free: check every step
+                self._logits_bad = self._logits_bad or bool(bad)
+            else:  # on an accelerator a read-back is a sync: keep a flag, read it when sampling
+                self._bad_flag = bad if self._bad_flag is None else self._bad_flag | bad
             if self.num_classes is None and out.ndim == 2:
                 self.num_classes = int(out.shape[1])
 
@@ -140,6 +144,10 @@ class DoctorMonitor(Callback):
     def on_step_end(self, state: TrainState, loss: torch.Tensor, inputs: torch.Tensor,
                     labels: torch.Tensor) -> None:
         self._step = state.step
+        sampling = self._armed or (state.step + 1) % self.every == 0
+        if self._bad_flag is not None and (sampling or state.step >= state.total_steps):
+            self._logits_bad = self._logits_bad or bool(self._bad_flag)
+            self._bad_flag = None
         if self._logits_bad:
             if not self._replayed:
                 self._replayed = True
@@ -199,7 +207,7 @@ class DoctorMonitor(Callback):
             else:
                 ratios[n] = float((p.detach().float() - prev.float()).norm()) / den
             if loss > 0.1 * math.log(self.num_classes or 10):  # a fitted model has tiny grads
-                self._ratios.setdefault(n, []).append(ratios[n])
+                self._ratios.setdefault(n, []).append((state.step, ratios[n]))
         s["update_ratio"].append(ratios)
         # activations
         frac = {}
@@ -305,7 +313,7 @@ class DoctorMonitor(Callback):
                                 f"first/last layer gradient RMS ratio is {r:.2g} (> 1e3)",
                                 value=r, threshold=1e3)
         if not self._logits_bad:
-            self._ratio_findings()
+            self._ratio_findings(state.total_steps)
             self._dead_findings()
             unchanged = [n for n, p in model.named_parameters()
                          if n in self._start and n not in self.frozen
@@ -318,11 +326,17 @@ class DoctorMonitor(Callback):
         self.report.series["monitor"] = self.series
         return self.report
 
-    def _ratio_findings(self) -> None:
+    def _ratio_findings(self, total_steps: int) -> None:
         """Error when a layer's median ratio is outside [1e-5, 1e-1]; warning when most layers
-        are outside [1e-4, 1e-2] (one small layer, such as a head, may sit a little outside)."""
-        meds = {n: float(np.median(v)) for n, v in self._ratios.items()
-                if len(v) >= 3 and float(np.median(v)) > 0}
+        are outside [1e-4, 1e-2] (one small layer, such as a head, may sit a little outside).
+        The medians are over the second half of the run when it has samples there: warm-up
+        and the peak of a one-cycle schedule are meant to take large steps."""
+        meds = {}
+        for n, pts in self._ratios.items():
+            late = [r for st, r in pts if st > total_steps / 2]
+            vals = late if len(late) >= 2 else [r for _, r in pts]
+            if len(vals) >= 2 and float(np.median(vals)) > 0:
+                meds[n] = float(np.median(vals))
         if not meds:
             return
         self.report.context["update_ratio_median"] = meds

@@ -31,6 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cifarlab import __version__
 from cifarlab.config import DataConfig, TrainConfig
+from cifarlab.doctor.findings import Report
+from cifarlab.doctor.monitor import DoctorMonitor
 from cifarlab.errors import CifarlabError, ConfigError, StudyError
 from cifarlab.files import atomic_write_text
 from cifarlab.train import Callback, TrainState
@@ -381,18 +383,29 @@ class Objective:
             return self._fail(trial, "config", str(exc), impute=True)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         watch = _TrialWatch(trial, self.stop, self.check_every)
+        monitor = DoctorMonitor(num_classes=len(self.data.classes))
         try:
-            result = train(config, [watch], data=self.data, evaluate_test=False, progress=False)
+            result = train(config, [watch, monitor], data=self.data, evaluate_test=False,
+                           progress=False)
         except Exception as exc:
             oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
             _free_device_memory()
             kind = "oom" if oom else "exception"
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _record_doctor(trial, monitor.report, failed=True)
             return self._fail(trial, kind, reason, impute=True)
         trial.set_user_attr("epochs", len(result.history))
         trial.set_user_attr("train_seconds", round(result.train_seconds, 2))
+        finding = _record_doctor(trial, monitor.report, failed=watch.failure is not None or (
+            result.stopped_early or "").startswith("doctor:"))
         if watch.failure is not None:
-            return self._fail(trial, "nonfinite", watch.failure, impute=True)
+            return self._fail(trial, "nonfinite", _with_finding(watch.failure, finding),
+                              impute=True)
+        if (result.stopped_early or "").startswith("doctor:"):
+            nonfinite = any(f.rule in ("nonfinite-loss", "input-nonfinite")
+                            for f in monitor.report.findings)
+            return self._fail(trial, "nonfinite" if nonfinite else "diverged",
+                              str(result.stopped_early), impute=True)
         if watch.interrupted:
             return self._fail(trial, "interrupted", "interrupted by Ctrl-C", impute=False)
         if watch.pruned:
@@ -414,6 +427,22 @@ class Objective:
         if kind == "interrupted":
             raise TrialInterrupted(reason)
         raise TrialFailed(reason)
+
+
+def _record_doctor(trial: optuna.Trial, report: Report, failed: bool) -> str | None:
+    """Store the doctor's findings on the trial (user attr ``doctor``); returns the message of
+    the worst one. A failed trial always gets the attribute, empty when the monitors saw no
+    symptom before the failure."""
+    report.consolidate()
+    alarms = sorted(report.alarms(), key=lambda f: -f.severity)
+    if alarms or failed:
+        trial.set_user_attr("doctor", [{"rule": f.rule, "severity": str(f.severity),
+                                        "message": f.message} for f in alarms])
+    return alarms[0].message if alarms else None
+
+
+def _with_finding(reason: str, finding: str | None) -> str:
+    return f"{reason}; doctor: {finding}" if finding else reason
 
 
 def _free_device_memory() -> None:
