@@ -23,9 +23,8 @@ from _common import machine, write_section
 
 
 def suite(args: argparse.Namespace) -> None:
-    from doctor_cases import cases
-
     from cifarlab.doctor import diagnose
+    from doctor_cases import cases
 
     rows, caught, bugs, right, alarms_total, healthy_clean, healthy = [], 0, 0, 0, 0, 0, 0
     for case in cases():
@@ -71,11 +70,15 @@ def suite(args: argparse.Namespace) -> None:
     write_section("doctor-suite", "\n".join(lines))
 
 
-def _train_once(cfg, data, doctor: bool) -> float:
+def _train_once(cfg, data, doctor: bool) -> tuple[float, float]:
+    """(training seconds, seconds spent inside the monitor's own work)."""
+    from cifarlab.doctor import DoctorMonitor
     from cifarlab.train import train
 
-    result = train(cfg, data=data, evaluate_test=False, progress=False, doctor=doctor)
-    return result.train_seconds
+    monitor = DoctorMonitor(num_classes=len(data.classes)) if doctor else None
+    result = train(cfg, [monitor] if monitor else [], data=data, evaluate_test=False,
+                   progress=False, doctor=doctor)
+    return result.train_seconds, monitor.seconds if monitor else 0.0
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -93,10 +96,12 @@ def overhead(args: argparse.Namespace) -> None:
     for k in range(args.pairs):
         order = (True, False) if k % 2 == 0 else (False, True)  # alternate who goes first
         t = {d: _train_once(cfg, data, d) for d in order}
-        pairs.append((t[True], t[False]))
-        print(f"pair {k + 1}: with monitors {t[True]:.1f} s, without {t[False]:.1f} s "
-              f"({t[True] / t[False] - 1:+.1%})", flush=True)
-    ratios = [a / b - 1 for a, b in pairs]
+        pairs.append((t[True][0], t[False][0], t[True][1]))
+        print(f"pair {k + 1}: with monitors {t[True][0]:.1f} s (monitor's own work "
+              f"{t[True][1]:.2f} s), without {t[False][0]:.1f} s "
+              f"({t[True][0] / t[False][0] - 1:+.1%})", flush=True)
+    ratios = [a / b - 1 for a, b, _ in pairs]
+    own = [m / a for a, _, m in pairs]
     med = float(np.median(ratios))
     steps = int(len(data.train) // cfg.optim.batch_size * args.epochs)
     lines = [
@@ -108,11 +113,17 @@ def overhead(args: argparse.Namespace) -> None:
         "`train()` with the doctor's monitors (the default) and with `doctor=False`, in "
         f"{args.pairs} back-to-back pairs that alternate which run goes first.",
         "",
-        "| pair | with monitors s | without s | overhead |",
-        "|---:|---:|---:|---:|",
-        *[f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b - 1:+.1%} |" for i, (a, b) in enumerate(pairs)],
+        "| pair | with monitors s | monitor's own work s | without s | overhead |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {i + 1} | {a:.1f} | {m:.2f} | {b:.1f} | {a / b - 1:+.1%} |"
+          for i, (a, b, m) in enumerate(pairs)],
         "",
-        f"Median overhead **{med:+.1%}** (target ≤ 5%): " + ("met." if med <= 0.05 else "MISSED."),
+        f"Median overhead of the paired runs **{med:+.1%}**; on this shared 2-core machine "
+        "runs of the same config differ by several percent, so the monitor's own time, "
+        "measured inside the run (sampling work on the training thread plus the activation "
+        f"statistics taken in the sampled forward passes), is the sharper figure: "
+        f"**{float(np.median(own)):.2%}** of training time (median). Target ≤ 5%: "
+        + ("met." if max(med, float(np.median(own))) <= 0.05 else "MISSED."),
     ]
     write_section("doctor-overhead", "\n".join(lines))
 

@@ -10,6 +10,7 @@ training), one per root cause, in :attr:`DoctorMonitor.report`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +66,7 @@ class DoctorMonitor(Callback):
         self._steps_since_backward = 0
         self._high_loss = 0
         self._model: nn.Module | None = None
+        self.seconds = 0.0  # time spent in the monitor's own work (sampling, activation stats)
 
     # ------------------------------------------------------------------------ wiring
 
@@ -111,10 +113,12 @@ class DoctorMonitor(Callback):
 
     def _activation(self, name: str, out: Any) -> None:
         if self._armed and isinstance(out, torch.Tensor) and out.ndim >= 2:
+            t0 = time.perf_counter()
             with torch.no_grad():
                 o = out.detach()
                 dims = [0, *range(2, o.ndim)]
-                self._acts[name] = (o > 0).float().amax(dim=dims).cpu()  # per channel
+                self._acts[name] = (o.amax(dim=dims) > 0).float().cpu()  # one pass, per channel
+            self.seconds += time.perf_counter() - t0
 
     def _mode(self, name: str, module: nn.Module) -> None:
         if self._armed and torch.is_grad_enabled() and not module.training:
@@ -158,13 +162,19 @@ class DoctorMonitor(Callback):
                 state.should_stop = True
                 state.stop_reason = f"doctor: {f.message}" if f else "doctor: non-finite loss"
             return
+        t0 = time.perf_counter()
         if self._armed:
             self._armed = False
             self._sample(state, float(loss))
         if (state.step + 1) % self.every == 0 or state.step == 0:
             self._armed = True
-            self._prev = {n: p.detach().clone() for n, p in state.model.named_parameters()
-                          if p.requires_grad and p.ndim >= 2}
+            if not isinstance(state.optimizer, torch.optim.SGD):  # SGD's ratio needs no copy
+                self._prev = {n: p.detach().clone() for n, p in state.model.named_parameters()
+                              if p.requires_grad and p.ndim >= 2}
+            else:
+                self._prev = {n: p for n, p in state.model.named_parameters()
+                              if p.requires_grad and p.ndim >= 2}
+        self.seconds += time.perf_counter() - t0
 
     def _sample(self, state: TrainState, loss: float) -> None:
         model = state.model
@@ -174,10 +184,11 @@ class DoctorMonitor(Callback):
         # gradient norms, per layer (weights only)
         grads = [(n, p.grad) for n, p in model.named_parameters()
                  if p.grad is not None and p.ndim >= 2]
-        total = math.sqrt(sum(float(g.float().pow(2).sum()) for _, g in grads)) if grads else 0.0
+        norms = [float(torch.linalg.vector_norm(g)) for _, g in grads]
+        total = math.sqrt(sum(v * v for v in norms))
         s["grad_norm"].append(total)
         if len(grads) >= 2:
-            rms = [float(g.float().pow(2).mean().sqrt()) for _, g in grads]
+            rms = [v / math.sqrt(g.numel()) for v, (_, g) in zip(norms, grads, strict=True)]
             if rms[-1] > 0:
                 self._first_last.append(rms[0] / rms[-1])
         if len(self._norms) >= 5 and total > 20 * float(np.median(self._norms)) and total > 0:
@@ -197,13 +208,13 @@ class DoctorMonitor(Callback):
             prev = self._prev.get(n)
             if prev is None:
                 continue
-            den = float(prev.float().norm())
+            den = float(torch.linalg.vector_norm(prev))
             if den <= 0:
                 continue
             if sgd_lr is not None:
                 if p.grad is None or id(p) not in sgd_lr:
                     continue
-                ratios[n] = sgd_lr[id(p)] * float(p.grad.float().norm()) / den
+                ratios[n] = sgd_lr[id(p)] * float(torch.linalg.vector_norm(p.grad)) / den
             else:
                 ratios[n] = float((p.detach().float() - prev.float()).norm()) / den
             if loss > 0.1 * math.log(self.num_classes or 10):  # a fitted model has tiny grads
@@ -218,8 +229,8 @@ class DoctorMonitor(Callback):
         s["active_fraction"].append(frac)
         self._acts = {}
         if self._input is not None and self._input.ndim >= 2:
-            x = self._input.detach().float().flatten(1)
-            blank = (x.amax(1) - x.amin(1)) < 1e-6
+            x = self._input.detach().flatten(1)
+            blank = (x.amax(1) - x.amin(1)).float() < 1e-6
             if float(blank.float().mean()) > 0.5:
                 self.report.add("blank-images", Severity.WARNING,
                                 f"{int(blank.sum())} of {len(blank)} images the model received "
