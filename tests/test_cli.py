@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -34,7 +35,8 @@ def call(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["predict"], ["data"],
                                  ["data", "info"], ["data", "export"], ["models"], ["tune"],
-                                 ["tune", "report"], ["tune", "show"]])
+                                 ["tune", "report"], ["tune", "show"], ["doctor"],
+                                 ["serve"]])
 def test_every_command_has_help(capsys, cmd):
     code, out, _ = call(capsys, *cmd, "--help")
     assert code == 0 and "Usage:" in out
@@ -108,3 +110,27 @@ def test_user_errors_are_clean_messages(tmp_path, capsys):
 def test_models_command(capsys):
     code, out, _ = call(capsys, "models")
     assert code == 0 and out.split()[0] == "airnet"
+
+
+def test_doctor_cli_writes_json_and_html_and_sets_the_exit_code(capsys, learnable, tmp_path):
+    from conftest import write_tree
+
+    args = ["--width", "0.25", "--epochs", "1", "--val-size", "40", "--batch-size", "64"]
+    code, out, err = call(capsys, "doctor", "--data", str(learnable), *args,
+                          "--json", str(tmp_path / "d.json"), "--html", str(tmp_path / "d.html"))
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert "cannot-overfit" in report["checks_run"] and "plateau" in report["checks_run"]
+    assert not [f for f in report["findings"] if f["severity"] in ("error", "critical")]
+    page = (tmp_path / "d.html").read_text()
+    assert "data:image/png;base64," in page and "https://" not in page  # offline, with plots
+    assert "checks run" in out
+    # test images copied from train: a leak is an error, so exit code 1
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 32, 32, 3), np.uint8)
+    labels = np.repeat(np.arange(2), 20)
+    write_tree(tmp_path / "tree", images, labels, "train", classes=["a", "b"])
+    write_tree(tmp_path / "tree", images[::5], labels[::5], "test", classes=["a", "b"])
+    code, out, _ = call(capsys, "doctor", "--data", str(tmp_path / "tree"), "--epochs", "0",
+                        "--no-behaviour", "--val-size", "10")
+    assert code == 1 and "train-test-leak" in out, out

@@ -162,8 +162,10 @@ RULES: dict[str, Rule] = {r.id: r for r in [
        "Many channels never activate: dead ReLUs from a large lr or bad init.",
        "Lower the lr, use a leaky activation or better init.", DEEPDIAG),
     _r("plateau", "The loss stays above 0.9·ln C",
-       "The network is not learning: lr far too low, weights decayed to zero, labels noise.",
-       "Run the preflight checks; raise the lr; check weight decay and labels.", DEEPDIAG),
+       "The network is not learning: lr far too low (or so high that it bounces), weights "
+       "decayed to zero, or labels that are noise.",
+       "Run the preflight checks; try the LR range test's suggestion; check weight decay and "
+       "labels.", DEEPDIAG),
     _r("params-never-change", "Parameters never change during training",
        "Their gradient is always zero or None, or they are not in the optimizer.",
        "Check the optimizer's parameter groups and that the layer is on the loss's path.",

@@ -172,7 +172,7 @@ class DoctorMonitor(Callback):
                 self._prev = {n: p.detach().clone() for n, p in state.model.named_parameters()
                               if p.requires_grad and p.ndim >= 2}
             else:
-                self._prev = {n: p for n, p in state.model.named_parameters()
+                self._prev = {n: p.detach() for n, p in state.model.named_parameters()
                               if p.requires_grad and p.ndim >= 2}
         self.seconds += time.perf_counter() - t0
 
