@@ -83,7 +83,8 @@ def test_monitor_in_cifarlab_trainer(learnable):
     from cifarlab.data import load_data
     from cifarlab.train import Callback, train
 
-    cfg = TrainConfig(model="airnet", width=0.25, precision="fp32", tta=0)  # the default recipe
+    cfg = TrainConfig(model="airnet", width=0.25, precision="fp32", tta=0,  # the default recipe
+                      device="cpu")  # (on an accelerator, NaN is found at the next sample)
     cfg.data.source = str(learnable)
     cfg.data.val_size = 40
     cfg.optim.epochs = 6

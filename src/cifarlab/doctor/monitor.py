@@ -51,6 +51,8 @@ class DoctorMonitor(Callback):
         self.series: dict[str, list[Any]] = {"step": [], "loss": [], "grad_norm": [],
                                               "update_ratio": [], "active_fraction": []}
         self._hooks: list[Any] = []
+        self._sample_hooks: list[Any] = []
+        self._on_cpu = True
         self._armed = False
         self._acts: dict[str, torch.Tensor] = {}
         self._dead_seen: dict[str, torch.Tensor] = {}
@@ -78,15 +80,12 @@ class DoctorMonitor(Callback):
             self.frozen = set(getattr(model, "frozen_by_design", ()))
         self._start = {n: p.detach().clone() for n, p in model.named_parameters()
                        if p.requires_grad}
-        self._hooks.append(model.register_forward_pre_hook(self._root_pre))
-        self._hooks.append(model.register_forward_hook(self._root_post))
-        for name, m in model.named_modules():
-            if isinstance(m, _ACTIVATIONS):
-                self._hooks.append(m.register_forward_hook(
-                    lambda mod, inp, out, name=name: self._activation(name, out)))
-            if isinstance(m, _MODE_SENSITIVE):
-                self._hooks.append(m.register_forward_pre_hook(
-                    lambda mod, inp, name=name: self._mode(name, mod)))
+        # On the CPU the logits are checked every step (a read-back costs nothing there); on an
+        # accelerator the root hooks, like the per-module ones, are attached only for the
+        # sampled steps, so that unsampled steps run with no extra work or sync at all.
+        self._on_cpu = next(model.parameters()).device.type == "cpu"
+        if self._on_cpu:
+            self._hooks += self._root_hooks(model)
         self._hooks.append(state.optimizer.register_step_pre_hook(self._before_step))
         self._hooks.append(state.optimizer.register_step_post_hook(self._after_step))
         probe = next((p for n, p in model.named_parameters() if p.requires_grad), None)
@@ -96,6 +95,29 @@ class DoctorMonitor(Callback):
                                    "vanishing-gradients", "update-ratio", "dead-channels",
                                    "plateau", "params-never-change", "grad-accumulation",
                                    "wrong-mode", "blank-images"]
+
+    def _root_hooks(self, model: nn.Module) -> list[Any]:
+        return [model.register_forward_pre_hook(self._root_pre),
+                model.register_forward_hook(self._root_post)]
+
+    def _arm(self, model: nn.Module) -> None:
+        """Attach the sampling hooks for the next step's forward pass."""
+        self._armed = True
+        hooks = [] if self._on_cpu else self._root_hooks(model)
+        for name, m in model.named_modules():
+            if isinstance(m, _ACTIVATIONS):
+                hooks.append(m.register_forward_hook(
+                    lambda mod, inp, out, name=name: self._activation(name, out)))
+            if isinstance(m, _MODE_SENSITIVE):
+                hooks.append(m.register_forward_pre_hook(
+                    lambda mod, inp, name=name: self._mode(name, mod)))
+        self._sample_hooks = hooks
+
+    def _disarm(self) -> None:
+        self._armed = False
+        for h in self._sample_hooks:
+            h.remove()
+        self._sample_hooks = []
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if module.training and torch.is_grad_enabled() and args:
@@ -117,7 +139,7 @@ class DoctorMonitor(Callback):
             with torch.no_grad():
                 o = out.detach()
                 dims = [0, *range(2, o.ndim)]
-                self._acts[name] = (o.amax(dim=dims) > 0).float().cpu()  # one pass, per channel
+                self._acts[name] = (o.amax(dim=dims) > 0).float()  # one pass, per channel
             self.seconds += time.perf_counter() - t0
 
     def _mode(self, name: str, module: nn.Module) -> None:
@@ -164,10 +186,18 @@ class DoctorMonitor(Callback):
             return
         t0 = time.perf_counter()
         if self._armed:
-            self._armed = False
-            self._sample(state, float(loss))
+            self._disarm()
+            value = float(loss)
+            if not math.isfinite(value) and not self._logits_bad:  # accelerators: seen here
+                self._logits_bad = self._replayed = True
+                self._replay(state.step)
+                if self.stop_on_divergence:
+                    state.should_stop = True
+                    state.stop_reason = f"doctor: {self.report.findings[-1].message}"
+                return
+            self._sample(state, value)
         if (state.step + 1) % self.every == 0 or state.step == 0:
-            self._armed = True
+            self._arm(state.model)
             if not isinstance(state.optimizer, torch.optim.SGD):  # SGD's ratio needs no copy
                 self._prev = {n: p.detach().clone() for n, p in state.model.named_parameters()
                               if p.requires_grad and p.ndim >= 2}
@@ -184,7 +214,14 @@ class DoctorMonitor(Callback):
         # gradient norms, per layer (weights only)
         grads = [(n, p.grad) for n, p in model.named_parameters()
                  if p.grad is not None and p.ndim >= 2]
-        norms = [float(torch.linalg.vector_norm(g)) for _, g in grads]
+        # every norm of this sample in one read-back: on a GPU each read-back is a sync
+        prev_names = [n for n, _ in model.named_parameters() if n in self._prev]
+        stacked = [torch.linalg.vector_norm(g).float() for _, g in grads] + \
+            [torch.linalg.vector_norm(self._prev[n]).float() for n in prev_names]
+        values = torch.stack(stacked).tolist() if stacked else []
+        norms = values[: len(grads)]
+        prev_norm = dict(zip(prev_names, values[len(grads):], strict=True))
+        grad_norm = {n: v for (n, _), v in zip(grads, norms, strict=True)}
         total = math.sqrt(sum(v * v for v in norms))
         s["grad_norm"].append(total)
         if len(grads) >= 2:
@@ -208,13 +245,13 @@ class DoctorMonitor(Callback):
             prev = self._prev.get(n)
             if prev is None:
                 continue
-            den = float(torch.linalg.vector_norm(prev))
+            den = prev_norm[n]
             if den <= 0:
                 continue
             if sgd_lr is not None:
-                if p.grad is None or id(p) not in sgd_lr:
+                if n not in grad_norm or id(p) not in sgd_lr:
                     continue
-                ratios[n] = sgd_lr[id(p)] * float(torch.linalg.vector_norm(p.grad)) / den
+                ratios[n] = sgd_lr[id(p)] * grad_norm[n] / den
             else:
                 ratios[n] = float((p.detach().float() - prev.float()).norm()) / den
             if loss > 0.1 * math.log(self.num_classes or 10):  # a fitted model has tiny grads
@@ -222,7 +259,8 @@ class DoctorMonitor(Callback):
         s["update_ratio"].append(ratios)
         # activations
         frac = {}
-        for name, ever_pos in self._acts.items():
+        acts = {k: v.cpu() for k, v in self._acts.items()}  # device tensors until now
+        for name, ever_pos in acts.items():
             frac[name] = float(ever_pos.mean())
             seen = self._dead_seen.get(name)
             self._dead_seen[name] = ever_pos if seen is None else torch.maximum(seen, ever_pos)
@@ -298,6 +336,7 @@ class DoctorMonitor(Callback):
         self.finish(state)
 
     def finish(self, state: TrainState) -> Report:
+        self._disarm()
         for h in self._hooks:
             h.remove()
         self._hooks = []
