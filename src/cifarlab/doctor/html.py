@@ -53,34 +53,27 @@ def _plots(report: Report) -> list[tuple[str, str]]:
         ax.set_xlabel("step")
         out.append(("grad_norm", _png(fig)))
         plt.close(fig)
-        layers = sorted({k for row in mon["update_ratio"] for k in row})
-        if layers:
-            fig, ax = figure("Update / weight ratio per layer")
-            for name in layers:
-                pts = [(s, r[name]) for s, r in zip(steps, mon["update_ratio"], strict=False)
-                       if name in r and r[name] > 0]
+        for key, title, log in (("update_ratio", "Update / weight ratio per layer", True),
+                                ("active_fraction",
+                                 "Fraction of channels active at least once per batch", False)):
+            names = sorted({k for row in mon[key] for k in row})
+            if not names:
+                continue
+            fig, ax = figure(title)
+            for name in names:
+                pts = [(st, r[name]) for st, r in zip(steps, mon[key], strict=False)
+                       if name in r and (r[name] > 0 or not log)]
                 if pts:
-                    ax.semilogy(*zip(*pts, strict=True), label=name, lw=1)
-            for y in (1e-4, 1e-2):
-                ax.axhline(y, color="k", ls="--", lw=0.8)
+                    (ax.semilogy if log else ax.plot)(*zip(*pts, strict=True), label=name, lw=1)
+            if log:
+                for y in (1e-4, 1e-2):
+                    ax.axhline(y, color="k", ls="--", lw=0.8)
+            else:
+                ax.set_ylim(0, 1.05)
             ax.set_xlabel("step")
-            if len(layers) <= 12:
+            if len(names) <= 12:
                 ax.legend(fontsize=7)
-            out.append(("update_ratio", _png(fig)))
-            plt.close(fig)
-        acts = sorted({k for row in mon["active_fraction"] for k in row})
-        if acts:
-            fig, ax = figure("Fraction of channels active at least once per batch")
-            for name in acts:
-                pts = [(s, r[name]) for s, r in zip(steps, mon["active_fraction"], strict=False)
-                       if name in r]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), label=name, lw=1)
-            ax.set_ylim(0, 1.05)
-            ax.set_xlabel("step")
-            if len(acts) <= 12:
-                ax.legend(fontsize=7)
-            out.append(("activations", _png(fig)))
+            out.append((key, _png(fig)))
             plt.close(fig)
     curve = report.series.get("overfit_one_batch")
     if curve and curve.get("loss"):
