@@ -25,6 +25,10 @@ __all__ = ["DoctorMonitor"]
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.ReLU6)
 _MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+# positively homogeneous: f(c·x) = c·f(x) for c > 0, so a norm after them still sees scale-free
+_HOMOGENEOUS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ReLU,
+                nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout2d)
 
 
 class DoctorMonitor(Callback):
@@ -53,6 +57,8 @@ class DoctorMonitor(Callback):
         self._hooks: list[Any] = []
         self._sample_hooks: list[Any] = []
         self._on_cpu = True
+        self._order: list[tuple[str, nn.Module]] | None = None
+        self.scale_invariant: set[str] = set()
         self._armed = False
         self._acts: dict[str, torch.Tensor] = {}
         self._dead_seen: dict[str, torch.Tensor] = {}
@@ -104,6 +110,13 @@ class DoctorMonitor(Callback):
         """Attach the sampling hooks for the next step's forward pass."""
         self._armed = True
         hooks = [] if self._on_cpu else self._root_hooks(model)
+        if self._order is None:  # once: the order leaf modules run in (for scale invariance)
+            self._order = []
+            for name, m in model.named_modules():
+                if name and not list(m.children()):
+                    hooks.append(m.register_forward_hook(
+                        lambda mod, inp, out, name=name: self._order.append((name, mod))
+                        if self._order is not None else None))
         for name, m in model.named_modules():
             if isinstance(m, _ACTIVATIONS):
                 hooks.append(m.register_forward_hook(
@@ -206,7 +219,26 @@ class DoctorMonitor(Callback):
                               if p.requires_grad and p.ndim >= 2}
         self.seconds += time.perf_counter() - t0
 
+    def _find_scale_invariant(self) -> None:
+        """Weights whose output reaches a normalization layer through homogeneous operations
+        only: the loss does not depend on their scale, so their update/weight ratio settles
+        where learning rate and weight decay balance (van Laarhoven 2017; Wan et al. 2021) and
+        CS231n's 1e-3 rule of thumb does not apply to them."""
+        order = self._order or []
+        for i, (name, mod) in enumerate(order):
+            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+                continue
+            for _, nxt in order[i + 1 :]:
+                if isinstance(nxt, _NORMS):
+                    self.scale_invariant.add(f"{name}.weight")
+                    break
+                if not isinstance(nxt, _HOMOGENEOUS):
+                    break
+        self._order = []  # done; later samples record nothing
+
     def _sample(self, state: TrainState, loss: float) -> None:
+        if self._order:
+            self._find_scale_invariant()
         model = state.model
         s = self.series
         s["step"].append(state.step)
@@ -383,6 +415,8 @@ class DoctorMonitor(Callback):
         and the peak of a one-cycle schedule are meant to take large steps."""
         meds = {}
         for n, pts in self._ratios.items():
+            if n in self.scale_invariant:
+                continue
             late = [r for st, r in pts if st > total_steps / 2]
             vals = late if len(late) >= 2 else [r for _, r in pts]
             if len(vals) >= 2 and float(np.median(vals)) > 0:
