@@ -16,7 +16,7 @@ DEMO_EPOCHS ?= 4
 # := expands once, so every step of the demo names the same study and run folders
 DEMO_NAME   := $(or $(DEMO_NAME),demo-$(shell date +%Y%m%d-%H%M%S))
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast test-slow lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest -q
+# Two layers: the fast one (unit and in-process tests, under a minute on 2 cores) runs first and
+# stops at the first failure; the slow one (servers, browser, subprocesses, studies, the
+# seeded-bug suite) runs after it. `make test` runs both.
+test: lint test-fast test-slow
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -x
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 # The whole pipeline, sized for a 2-core CPU: tune at low fidelity, plot the study, retrain the
 # best configuration on train + validation, evaluate it on test.

@@ -73,19 +73,19 @@ def suite(args: argparse.Namespace) -> None:
 def _train_once(cfg, data, doctor: bool) -> tuple[float, float]:
     """(training seconds, seconds spent inside the monitor's own work)."""
     from cifarlab.doctor import DoctorMonitor
-    from cifarlab.train import train
+    from cifarlab.trainer import train
 
     monitor = DoctorMonitor(num_classes=len(data.classes)) if doctor else None
     result = train(cfg, [monitor] if monitor else [], data=data, evaluate_test=False,
-                   progress=False, doctor=doctor)
+                   progress=False)
     return result.train_seconds, monitor.seconds if monitor else 0.0
 
 
 def overhead(args: argparse.Namespace) -> None:
-    from cifarlab.config import TrainConfig
     from cifarlab.data import load_data
+    from cifarlab.models import default_config
 
-    cfg = TrainConfig.for_model("airnet")
+    cfg = default_config("airnet")
     cfg.data.source = args.data
     cfg.data.train_fraction = args.fraction
     cfg.optim.epochs = args.epochs
@@ -110,7 +110,7 @@ def overhead(args: argparse.Namespace) -> None:
         f"Machine: {machine()}.",
         f"airnet default recipe on real CIFAR-10, train fraction {args.fraction}, "
         f"{args.epochs} epochs ({steps} steps of {cfg.optim.batch_size}), training seconds of "
-        "`train()` with the doctor's monitors (the default) and with `doctor=False`, in "
+        "`train()` with a `DoctorMonitor` among its callbacks (what `cifarlab train` does) and without, in "
         f"{args.pairs} back-to-back pairs that alternate which run goes first.",
         "",
         "| pair | with monitors s | monitor's own work s | without s | overhead |",
@@ -129,11 +129,11 @@ def overhead(args: argparse.Namespace) -> None:
 
 
 def real(args: argparse.Namespace) -> None:
-    from cifarlab.config import TrainConfig
     from cifarlab.data import load_data
     from cifarlab.doctor import diagnose_config
+    from cifarlab.models import default_config
 
-    cfg = TrainConfig.for_model("airnet")
+    cfg = default_config("airnet")
     cfg.data.source = args.data
     data = load_data(cfg.data)
     t = time.perf_counter()

@@ -36,8 +36,10 @@ EXE = str(Path(sys.executable).parent / "cifarlab")
 def build_run(model: str, root: Path) -> Path:
     from PIL import Image
 
-    from cifarlab.config import DataConfig, TrainConfig
-    from cifarlab.train import train
+    from cifarlab.config import DataConfig
+    from cifarlab.models import default_config
+    from cifarlab.runs import RunWriter
+    from cifarlab.trainer import train
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("test", 16)):
@@ -46,32 +48,32 @@ def build_run(model: str, root: Path) -> Path:
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n // 10 + 1):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(d / f"{i}.png")
-    cfg = TrainConfig.for_model(model)
+    cfg = default_config(model)
     cfg.data = DataConfig(source=str(root / "data"), val_size=10)
     cfg.optim.epochs = 1
     cfg.optim.batch_size = 32
     os.environ["CIFARLAB_CACHE"] = str(root / "cache")
-    train(cfg, run_dir=root / "runs" / model, progress=False)
+    train(cfg, [RunWriter(root / "runs" / model)], progress=False)
     return root / "runs" / model
 
 
 def raw_forward(model, seconds: float = 5.0) -> tuple[float, float]:
     """(images/s in batches of 64, seconds of one single-image forward), the server's way:
-    ``ServedModel.forward`` on uint8 images, on this process's one torch thread team."""
+    ``Predictor.probabilities`` on uint8 images, on this process's one torch thread team."""
     x64 = np.random.default_rng(0).integers(0, 255, (64, 32, 32, 3), np.uint8)
     for _ in range(3):
-        model.forward(x64)
+        model.probabilities(x64)
     t0 = time.perf_counter()
     n = 0
     while time.perf_counter() - t0 < seconds:
-        model.forward(x64)
+        model.probabilities(x64)
         n += 64
     rate = n / (time.perf_counter() - t0)
     one = x64[:1]
     times = []
     for _ in range(200):
         t = time.perf_counter()
-        model.forward(one)
+        model.probabilities(one)
         times.append(time.perf_counter() - t)
     return rate, float(np.median(times))
 
@@ -162,10 +164,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="paired raw/server rounds")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        from cifarlab.serve.model import load_served_model
+        from cifarlab.infer import Predictor
 
         run = build_run(a.model, Path(tmp))
-        model = load_served_model(run, precision=a.precision)
+        model = Predictor.from_run(run, precision=a.precision)
         images = [png(i) for i in range(256)]
         rows = []
         results: dict[tuple[str, int], tuple[float, float, float, int]] = {}
@@ -226,7 +228,7 @@ def main() -> None:
         "request from 256 distinct images, in the same machine (client and server share the "
         "2 cores). Cache off except in the last row.",
         "",
-        f"Raw forward, the server's own code path (`ServedModel.forward` in the benchmark's "
+        f"Raw forward, the server's own code path (`Predictor.probabilities` in the benchmark's "
         f"process), median of the paired rounds: **{raw_rate:.0f} images/s** in batches of 64; "
         f"one image: **{one_forward * 1000:.2f} ms**.",
         "",

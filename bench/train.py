@@ -19,10 +19,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_section
-from cifarlab.config import TrainConfig
+from cifarlab.callbacks import Callback, TrainState
 from cifarlab.data import load_data
-from cifarlab.models import create_model, get_spec, list_models
-from cifarlab.train import Callback, TrainState, autocast, evaluate, train
+from cifarlab.hardware import autocast
+from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
+from cifarlab.models import create_model, default_config, get_spec, list_models
+from cifarlab.trainer import train
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -86,10 +88,12 @@ class _TestCurve(Callback):
 
     def __init__(self, data, device: str):
         self.data, self.device, self.rows = data, device, []
+        self.images = to_device_images(data.test.images, torch.device("cpu"))
 
     def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
-        _loss, acc = evaluate(state.model, self.data.test, self.data.mean, self.data.std,
-                             state.device, state.precision, tta=0)
+        norm = Normalizer(self.data.mean, self.data.std, state.device)
+        logits = predict_logits(state.model, self.images, norm, state.device, state.precision)
+        _loss, acc = loss_and_accuracy(logits, self.data.test.labels)
         elapsed = sum(r["seconds"] for r in state.history)
         self.rows.append((metrics["epoch"], elapsed, metrics["train_loss"], acc))
         print(f"epoch {metrics['epoch']:2d}  train_loss {metrics['train_loss']:.4f}  "
@@ -98,9 +102,7 @@ class _TestCurve(Callback):
 
 
 def time_to_accuracy(args: argparse.Namespace) -> None:
-    cfg = TrainConfig(model=args.model)
-    for k, v in get_spec(args.model).recipe.items():
-        setattr(cfg.optim, k, v)
+    cfg = default_config(args.model)
     cfg.optim.epochs = args.epochs
     cfg.data.source = args.data
     cfg.data.val_size = 0  # the full 50,000 training images

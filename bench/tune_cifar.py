@@ -41,7 +41,7 @@ def main() -> None:
 
     from cifarlab.config import DataConfig
     from cifarlab.data import load_data
-    from cifarlab.train import train
+    from cifarlab.trainer import train
     from cifarlab.tune import TuneSettings, best_config, load_space, run_study
 
     a.work.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,12 @@
-"""Tiny synthetic datasets, written by the tests themselves in every supported format."""
+"""Fixtures: an isolated environment for every test, and tiny synthetic datasets."""
 
 from __future__ import annotations
 
-import io
-import pickle
-import tarfile
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-CLASSES = ["circle", "cross", "stripe", "square"]
+from helpers import synthetic_images, write_cifar_python, write_tree
 
 
 @pytest.fixture(autouse=True)
@@ -24,92 +18,6 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     import torch
 
     torch.set_num_threads(2)
-
-
-def synthetic_images(n_per_class: int, size: int = 32, seed: int = 0,
-                     n_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable images: class k draws a distinct shape at a jittered position, with noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    images, labels = [], []
-    for k in range(n_classes):
-        for _ in range(n_per_class):
-            cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
-            r = size // 5
-            if k % 4 == 0:
-                m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-            elif k % 4 == 1:
-                m = (np.abs(yy - cy) < 2) | (np.abs(xx - cx) < 2)
-            elif k % 4 == 2:
-                m = (xx // 3) % 2 == 0
-            else:
-                m = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
-            img = rng.normal(100, 20, (size, size, 3))
-            color = np.array([60 + 60 * (k % 3), 200 - 40 * (k % 4), 90 + 30 * k]) % 256
-            img[m] = color + rng.normal(0, 10, 3)
-            images.append(np.clip(img, 0, 255).astype(np.uint8))
-            labels.append(k)
-    return np.stack(images), np.array(labels, dtype=np.int64)
-
-
-def write_tree(root: Path, images: np.ndarray, labels: np.ndarray, split: str = "train",
-               classes: list[str] = CLASSES, fmt: str = "png") -> list[Path]:
-    paths = []
-    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
-        d = root / split / classes[y]
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"{i:04d}.{fmt}"
-        Image.fromarray(img).save(p)
-        paths.append(p)
-    return paths
-
-
-def cifar_batch(images: np.ndarray, labels: np.ndarray, prefix: str, start: int = 0) -> bytes:
-    """A batch in the official format: planes R,G,B each row-major, byte-string keys."""
-    data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-    d = {
-        b"batch_label": prefix.encode(),
-        b"labels": [int(v) for v in labels],
-        b"data": data,
-        b"filenames": [f"{prefix}_{start + i}.png".encode() for i in range(len(images))],
-    }
-    return pickle.dumps(d, protocol=2)
-
-
-def write_cifar_python(folder: Path, classes: list[str] = CLASSES, n_per_class: int = 6,
-                       n_batches: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    folder.mkdir(parents=True, exist_ok=True)
-    tr_x, tr_y = synthetic_images(n_per_class * n_batches, seed=1, n_classes=len(classes))
-    te_x, te_y = synthetic_images(n_per_class, seed=2, n_classes=len(classes))
-    perm = np.random.default_rng(0).permutation(len(tr_y))
-    tr_x, tr_y = tr_x[perm], tr_y[perm]
-    for b, chunk in enumerate(np.array_split(np.arange(len(tr_y)), n_batches)):
-        (folder / f"data_batch_{b + 1}").write_bytes(cifar_batch(tr_x[chunk], tr_y[chunk], "tr",
-                                                                  int(chunk[0])))
-    (folder / "test_batch").write_bytes(cifar_batch(te_x, te_y, "te"))
-    meta = {b"label_names": [c.encode() for c in classes], b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return tr_x, tr_y, te_x, te_y
-
-
-def tar_folder(src: Path, dest: Path, arcname: str, mode: str = "w:gz") -> Path:
-    with tarfile.open(dest, mode) as tf:
-        tf.add(src, arcname=arcname)
-    return dest
-
-
-def zip_folder(src: Path, dest: Path, arcname: str) -> Path:
-    with zipfile.ZipFile(dest, "w") as zf:
-        for p in sorted(src.rglob("*")):
-            if p.is_file():
-                zf.write(p, f"{arcname}/{p.relative_to(src)}")
-    return dest
-
-
-def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cifarlab.cli import main
-
-CIFARLAB = shutil.which("cifarlab") or str(Path(sys.executable).parent / "cifarlab")
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CIFARLAB, *args], capture_output=True, text=True, cwd=cwd,
-                          env=os.environ.copy(), timeout=300)
-
-
-def call(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from helpers import call, run_cli, write_tree
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["predict"], ["data"],
@@ -42,6 +20,7 @@ def test_every_command_has_help(capsys, cmd):
     assert code == 0 and "Usage:" in out
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_end_to_end(learnable, tmp_path):
     r = run_cli("train", "--data", str(learnable), "--width", "0.25", "--epochs", "4",
                 "--batch-size", "64", "--val-size", "40", "--precision", "fp32", "--tta", "1",
@@ -112,9 +91,8 @@ def test_models_command(capsys):
     assert code == 0 and out.split()[0] == "airnet"
 
 
+@pytest.mark.slow
 def test_doctor_cli_writes_json_and_html_and_sets_the_exit_code(capsys, learnable, tmp_path):
-    from conftest import write_tree
-
     args = ["--width", "0.25", "--epochs", "1", "--val-size", "40", "--batch-size", "64"]
     code, out, err = call(capsys, "doctor", "--data", str(learnable), *args,
                           "--json", str(tmp_path / "d.json"), "--html", str(tmp_path / "d.html"))

@@ -23,7 +23,7 @@ from cifarlab.data import (
     stratified_split,
 )
 from cifarlab.errors import DataError
-from conftest import (
+from helpers import (
     CLASSES,
     synthetic_images,
     tar_folder,

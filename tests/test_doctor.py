@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from cifarlab.callbacks import Callback
+from cifarlab.config import TrainConfig
+from cifarlab.data import load_data
 from cifarlab.doctor import DoctorMonitor, Report, Severity, diagnose, preflight, watch
+from cifarlab.doctor.checks_data import near_duplicates
 from cifarlab.doctor.findings import RULES, TIERS
-from doctor_cases import N_CLASSES, Case, SmallCNN, cases, subject
+from cifarlab.trainer import train
+from doctor_cases import N_CLASSES, Case, SmallCNN, cases, smooth_images, subject
 
 CASES = cases()
 
@@ -24,6 +29,7 @@ def test_suite_has_enough_bugs_and_healthy_runs():
     assert set(TIERS) == set(RULES)  # every rule has a place in the root-cause order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_seeded_case(case: Case):
     report = diagnose(case.build(), steps=case.steps)
@@ -77,12 +83,8 @@ def test_nan_names_the_first_module_and_stops():
 
 
 def test_monitor_in_cifarlab_trainer(learnable):
-    """On by default in train(): a healthy run gets no alarm, a diverging one stops early with
-    the finding as its reason and in the result."""
-    from cifarlab.config import TrainConfig
-    from cifarlab.data import load_data
-    from cifarlab.train import Callback, train
-
+    """A monitor passed to train(): a healthy run gets no alarm, a diverging one stops early
+    with the finding as its reason and in the result."""
     cfg = TrainConfig(model="airnet", width=0.25, precision="fp32", tta=0,  # the default recipe
                       device="cpu")  # (on an accelerator, NaN is found at the next sample)
     cfg.data.source = str(learnable)
@@ -90,9 +92,10 @@ def test_monitor_in_cifarlab_trainer(learnable):
     cfg.optim.epochs = 6
     cfg.optim.batch_size = 64
     data = load_data(cfg.data)
-    ok = train(cfg, data=data, progress=False)
-    assert not [f for f in ok.findings if f["severity"] in ("warning", "error", "critical")], \
-        ok.findings
+    ok = train(cfg, [DoctorMonitor(num_classes=4)], data=data, progress=False)
+    findings = ok.extras["doctor"]
+    assert not [f for f in findings if f["severity"] in ("warning", "error", "critical")], \
+        findings
 
     class Corrupt(Callback):  # an Inf lands in one weight at step 3, as an overflow would
         def on_step_end(self, state, loss, inputs, labels):
@@ -100,9 +103,10 @@ def test_monitor_in_cifarlab_trainer(learnable):
                 with torch.no_grad():
                     state.model.block2.conv1.weight[0, 0, 0, 0] = float("inf")
 
-    bad = train(cfg, [Corrupt()], data=data, progress=False)
-    assert bad.stopped_early and bad.stopped_early.startswith("doctor:")
-    f = next(f for f in bad.findings if f["rule"] == "nonfinite-loss")
+    bad = train(cfg, [Corrupt(), DoctorMonitor(num_classes=4)], data=data, progress=False)
+    assert bad.stopped_early and bad.stopped_early.by == "doctor"
+    assert bad.stopped_early.kind == "nonfinite"
+    f = next(f for f in bad.extras["doctor"] if f["rule"] == "nonfinite-loss")
     assert f["evidence"]["module"] == "block2.conv1" and f["evidence"]["step"] == 4, f
     assert len(bad.history) == 1  # stopped in the first epoch
 
@@ -127,13 +131,10 @@ def test_preflight_on_any_module_without_validation():
 
 
 def test_near_duplicates_found_mirrored_and_brightened():
-    from cifarlab.doctor.preflight import near_duplicates
-    from doctor_cases import smooth_images
-
-    train, _ = smooth_images(20, seed=3)
+    train_x, _ = smooth_images(20, seed=3)
     test, _ = smooth_images(5, seed=4)
-    test[0] = train[7, :, ::-1]  # mirrored copy
-    test[1] = np.clip(train[11].astype(int) + 30, 0, 255).astype(np.uint8)  # brighter copy
-    pairs = {(j, i): m for j, i, _, m in near_duplicates(train, test)}
+    test[0] = train_x[7, :, ::-1]  # mirrored copy
+    test[1] = np.clip(train_x[11].astype(int) + 30, 0, 255).astype(np.uint8)  # brighter copy
+    pairs = {(j, i): m for j, i, _, m in near_duplicates(train_x, test)}
     assert pairs.get((0, 7)) is True and pairs.get((1, 11)) is False
     assert len(pairs) == 2

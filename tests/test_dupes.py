@@ -10,7 +10,7 @@ from PIL import Image
 from cifarlab.cli import main
 from cifarlab.data import prepare
 from cifarlab.dupes import EXACT_ONLY, find_duplicates
-from conftest import synthetic_images, write_cifar_python, write_tree
+from helpers import synthetic_images, write_cifar_python, write_tree
 
 
 def make_tree_with_copies(root):

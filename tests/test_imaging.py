@@ -6,7 +6,7 @@ from PIL import Image
 
 from cifarlab.errors import DataError
 from cifarlab.imaging import BACKGROUND, decode_image
-from conftest import png_bytes
+from helpers import png_bytes
 
 
 def test_grayscale_becomes_rgb():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import socket
@@ -18,27 +19,26 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cifarlab.config import DataConfig
+from cifarlab.models import default_config
+from cifarlab.runs import RunWriter
 from cifarlab.serve import ServeSettings, create_app
-from cifarlab.serve.batching import LRUCache, MicroBatcher, QueueFull
-from conftest import png_bytes, write_cifar_python
-from test_cli import CIFARLAB
+from cifarlab.trainer import train
+from helpers import CIFARLAB, png_bytes, write_cifar_python
 
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     """A trained tutorial model on the synthetic 4-class set (a real run folder)."""
-    from cifarlab.config import DataConfig, TrainConfig
-    from cifarlab.train import train
-
     root = tmp_path_factory.mktemp("served")
     data = root / "cifar-10-batches-py"
     write_cifar_python(data, n_per_class=60, n_batches=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CIFARLAB_CACHE", str(root / "cache"))
-        cfg = TrainConfig.for_model("tutorial")
+        cfg = default_config("tutorial")
         cfg.data = DataConfig(source=str(data), val_size=40)
         cfg.optim.epochs = 8
-        train(cfg, run_dir=root / "runs" / "tiny", progress=False)
+        train(cfg, [RunWriter(root / "runs" / "tiny")], progress=False)
     return root / "runs" / "tiny"
 
 
@@ -297,79 +297,6 @@ def test_not_ready_without_a_model(tmp_path):
 # ------------------------------------------------------------------ batcher and cache
 
 
-class _Recorder:
-    """A stand-in model that records batch sizes (the batcher is what is under test)."""
-
-    def __init__(self, delay: float = 0.0):
-        self.sizes: list[int] = []
-        self.delay = delay
-
-    def forward(self, images: np.ndarray) -> np.ndarray:
-        time.sleep(self.delay)
-        self.sizes.append(len(images))
-        return images.reshape(len(images), -1)[:, :2].astype(np.float32)
-
-
-def test_micro_batcher_groups_concurrent_requests():
-    async def main():
-        b = MicroBatcher(max_batch=8, max_wait=0.01, max_queue=100)
-        await b.start()
-        model = _Recorder(delay=0.02)
-        imgs = [np.full((2, 2, 3), i, np.uint8) for i in range(20)]
-        outs = await asyncio.gather(*(b.submit(x, model) for x in imgs))
-        await b.stop()
-        return model.sizes, outs
-
-    sizes, outs = asyncio.run(main())
-    assert sum(sizes) == 20 and max(sizes) <= 8 and len(sizes) < 20
-    assert [int(o[0]) for o in outs] == list(range(20))  # each caller gets its own row
-
-
-def test_idle_request_does_not_wait():
-    async def main():
-        b = MicroBatcher(max_batch=64, max_wait=0.5, max_queue=10)
-        await b.start()
-        t0 = time.perf_counter()
-        await b.submit(np.zeros((2, 2, 3), np.uint8), _Recorder())
-        dt = time.perf_counter() - t0
-        await b.stop()
-        return dt
-
-    assert asyncio.run(main()) < 0.1  # far below max_wait
-
-
-def test_full_queue_and_model_swap():
-    async def main():
-        b = MicroBatcher(max_batch=4, max_wait=0.0, max_queue=2)
-        await b.start()
-        slow, new = _Recorder(delay=0.2), _Recorder()
-        x = np.zeros((2, 2, 3), np.uint8)
-        first = asyncio.ensure_future(b.submit(x, slow))
-        await asyncio.sleep(0.05)  # the first batch is now running on the slow model
-        queued = [asyncio.ensure_future(b.submit(x, m)) for m in (slow, new)]
-        await asyncio.sleep(0)
-        with pytest.raises(QueueFull):
-            await b.submit(x, new)
-        await asyncio.gather(first, *queued)
-        await b.stop()
-        return slow.sizes, new.sizes
-
-    slow_sizes, new_sizes = asyncio.run(main())
-    assert slow_sizes == [1, 1] and new_sizes == [1]  # a batch never mixes two models
-
-
-def test_lru_cache_evicts_least_recently_used():
-    c = LRUCache(2)
-    c.put("a", 1)
-    c.put("b", 2)
-    assert c.get("a") == 1  # a is now the most recent
-    c.put("c", 3)
-    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3 and len(c) == 2
-    zero = LRUCache(0)
-    zero.put("a", 1)
-    assert zero.get("a") is None
-
-
 # --------------------------------------------------------------------- a real server
 
 
@@ -401,6 +328,7 @@ def server(run_dir):
     proc.wait(10)
 
 
+@pytest.mark.slow
 def test_load_2000_requests_at_concurrency_32_without_errors(server):
     images = [image_bytes(i) for i in range(50)]
     statuses: list[int] = []
@@ -429,14 +357,18 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
                     reason="needs Debian's chromium (`.ci/run` installs it)")
-def test_page_in_headless_chromium(server, tmp_path):
+@pytest.mark.slow
+def test_page_in_headless_chromium(server, run_dir, tmp_path):
+    """The page, the REST API and `cifarlab predict --json` give the same top classes and the
+    same probabilities for the same image and run (one inference path)."""
     assert CHROMIUM, "CI must provide chromium (see .ci/chromium.sh)"
     from playwright.sync_api import sync_playwright
 
     png = tmp_path / "upload.png"
     png.write_bytes(image_bytes(11, (48, 48)))
-    expected = httpx.post(f"{server}/v1/predict", files={"file": ("u.png", png.read_bytes())}
-                          ).json()["predictions"][0]["top"][0]["class"]
+    rest = httpx.post(f"{server}/v1/predict", files={"file": ("upload.png", png.read_bytes())}
+                      ).json()["predictions"][0]["top"]
+    cli = _cli_predict(run_dir, png)["predictions"][0]["top"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -444,17 +376,50 @@ def test_page_in_headless_chromium(server, tmp_path):
         page = browser.new_page(viewport={"width": 375, "height": 740})  # a phone
         page.goto(server)
         page.wait_for_selector("#model:has-text('test accuracy')")
+        assert "(TTA 2)" in page.inner_text("#model")  # the run's TTA, measured and serving
         assert "circle" in page.inner_text("#classes")
         page.set_input_files("#file", str(png))
         page.wait_for_selector("#status[data-top]")
-        assert page.get_attribute("#status", "data-top") == expected
+        shown = json.loads(page.get_attribute("#bars", "data-top") or "[]")
+        assert page.get_attribute("#status", "data-top") == rest[0]["class"]
         assert page.locator("#bars li").count() == 4
-        assert expected in page.inner_text("#recent")
+        assert rest[0]["class"] in page.inner_text("#recent")
         # usable at phone width: nothing wider than the screen
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         browser.close()
+    for a, b, c in zip(shown, rest, cli, strict=True):
+        assert a["class"] == b["class"] == c["class"]
+        assert abs(a["probability"] - c["probability"]) <= 1e-5
+        assert abs(b["probability"] - c["probability"]) <= 1e-5
 
 
+def _cli_predict(run_dir: Path, image: Path) -> dict:
+    r = subprocess.run([CIFARLAB, "predict", str(run_dir), str(image), "--json"],
+                       capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_cli_predict_and_rest_agree(server, run_dir, tmp_path):
+    """Same image, same run: the same JSON shape, top classes and probabilities (to 1e-5)."""
+    for i, size in ((3, (32, 32)), (8, (61, 45))):
+        img = tmp_path / f"x{i}.png"
+        img.write_bytes(image_bytes(i, size))
+        rest = httpx.post(f"{server}/v1/predict", files={"file": (str(img), img.read_bytes())}
+                          ).json()
+        cli = _cli_predict(run_dir, img)
+        assert (cli["model"], cli["version"], cli["tta"]) == (rest["model"], rest["version"],
+                                                               rest["tta"])
+        (c,), (r,) = cli["predictions"], rest["predictions"]
+        assert set(r) - set(c) == {"cached"} and set(c) <= set(r)
+        assert c["sha256"] == r["sha256"] and c["filename"] == r["filename"]
+        assert [t["class"] for t in c["top"]] == [t["class"] for t in r["top"]]
+        for a, b in zip(c["top"], r["top"], strict=True):
+            assert abs(a["probability"] - b["probability"]) <= 1e-5
+
+
+@pytest.mark.slow
 def test_several_server_workers(run_dir):
     """--workers N: uvicorn processes built by the app factory, each with its own model."""
     port = _free_port()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -7,11 +8,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cifarlab.callbacks import Callback, StopReason
 from cifarlab.config import DataConfig, TrainConfig
 from cifarlab.data import load_data
 from cifarlab.errors import ConfigError, RunError
-from cifarlab.runs import evaluate_run, load_run, predict_files
-from cifarlab.train import Callback, DeviceLoader, Normalizer, evaluate, train
+from cifarlab.infer import (
+    Normalizer,
+    Predictor,
+    loss_and_accuracy,
+    predict_logits,
+    to_device_images,
+)
+from cifarlab.loader import DeviceLoader
+from cifarlab.runs import RunWriter, load_run
+from cifarlab.trainer import train
+from helpers import synthetic_images, write_tree
 
 
 def small_config(source, **optim) -> TrainConfig:
@@ -25,7 +36,7 @@ def small_config(source, **optim) -> TrainConfig:
 
 
 def test_learns_a_small_synthetic_dataset_to_near_perfect_accuracy(learnable, tmp_path):
-    result = train(small_config(learnable), run_dir=tmp_path / "run", progress=False)
+    result = train(small_config(learnable), [RunWriter(tmp_path / "run")], progress=False)
     assert result.test_acc is not None and result.test_acc >= 0.97, result.history
     assert result.val_acc >= 0.95
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -57,13 +68,14 @@ def test_callbacks_see_steps_and_epochs_and_can_stop(learnable):
         def on_epoch_end(self, state, metrics):
             self.epochs.append(metrics)
             if metrics["epoch"] == 2:
-                state.should_stop, state.stop_reason = True, "enough"
+                state.stop(StopReason("test", "enough", "two epochs are enough"))
 
     rec = Recorder()
     result = train(small_config(learnable), [rec], evaluate_test=False, progress=False)
     assert rec.started and len(rec.epochs) == 2
     assert len(rec.steps) == 2 * (440 // 64)
-    assert result.stopped_early == "enough"
+    assert result.stopped_early == StopReason("test", "enough", "two epochs are enough")
+    assert str(result.stopped_early) == "test: two epochs are enough"
     assert {"train_loss", "val_loss", "val_acc", "seconds"} <= set(rec.epochs[0])
 
 
@@ -109,31 +121,41 @@ def test_evaluate_uses_eval_mode_and_restores_it(learnable):
     data = load_data(cfg.data)
     model = train(cfg, data=data, evaluate_test=False, progress=False).model
     model.train()
-    l1, a1 = evaluate(model, data.test, data.mean, data.std)
+    images = to_device_images(data.test.images, torch.device("cpu"))
+    norm, cpu = Normalizer(data.mean, data.std, torch.device("cpu")), torch.device("cpu")
+    l1, a1 = loss_and_accuracy(predict_logits(model, images, norm, cpu), data.test.labels)
     assert model.training  # restored
-    l2, a2 = evaluate(model, data.test, data.mean, data.std)
-    assert (l1, a1) == (l2, a2)  # BatchNorm used running stats, not batch stats
+    l2, _ = loss_and_accuracy(predict_logits(model, images[:7], norm, cpu),
+                              data.test.labels[:7])
+    l3, a3 = loss_and_accuracy(predict_logits(model, images, norm, cpu), data.test.labels)
+    assert (l1, a1) == (l3, a3)  # BatchNorm used running stats, not batch stats
+    assert np.isfinite(l2)
 
 
 def test_run_folder_reloads_to_identical_predictions(learnable, tmp_path):
     run_dir = tmp_path / "runs" / "r1"
     cfg = small_config(learnable, epochs=1.0)
-    result = train(cfg, run_dir=run_dir, progress=False)
+    result = train(cfg, [RunWriter(run_dir)], progress=False)
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "config.json", "metrics.jsonl", "model.safetensors", "summary.json"]
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("val_acc", "test_acc", "val_loss", "test_loss", "train_seconds", "data_sha256",
-                "classes", "versions"):
+                "classes", "versions", "weights_sha256", "parameters"):
         assert summary[key] is not None, key
     assert summary["versions"]["torch"] == torch.__version__
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["epoch"] == 1
     assert load_file(str(run_dir / "model.safetensors"))  # plain tensors, no pickle
+    weights = (run_dir / "model.safetensors").read_bytes()
+    assert summary["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert summary["parameters"] == sum(p.numel() for p in result.model.parameters())
+    assert summary["tta"] == cfg.tta
 
     run = load_run(run_dir)
     assert run.config == cfg and not run.model.training
     data = load_data(cfg.data)
-    out = evaluate_run(run, data.test, device="cpu")
+    out = Predictor.from_run(run).evaluate(data.test)
+    assert out["tta"] == cfg.tta and out["precision"] == "fp32"
     assert out["accuracy"] == pytest.approx(result.test_acc)
     assert out["loss"] == pytest.approx(result.test_loss, rel=1e-5)
 
@@ -142,13 +164,18 @@ def test_predict_files_any_size_and_format(learnable, tmp_path):
     from PIL import Image
 
     run_dir = tmp_path / "run"
-    train(small_config(learnable, epochs=4.0), run_dir=run_dir, progress=False)
+    train(small_config(learnable, epochs=4.0), [RunWriter(run_dir)], progress=False)
     data = load_data(DataConfig(source=str(learnable), val_size=0))
     big = Image.fromarray(np.asarray(data.test.images[0])).resize((97, 97))
     big.save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(np.asarray(data.test.images[-1])).convert("RGBA").save(tmp_path / "b.png")
-    out = predict_files(run_dir, [tmp_path / "a.jpg", tmp_path / "b.png"], top_k=2)
+    answer = Predictor.from_run(run_dir).predict_files([tmp_path / "a.jpg", tmp_path / "b.png"],
+                                                       top_k=2)
+    out = answer["predictions"]
+    assert answer["model"] == "run" and answer["tta"] == 1 and len(answer["version"]) == 12
     assert [len(o["top"]) for o in out] == [2, 2]
+    assert out[0]["filename"] == str(tmp_path / "a.jpg")
+    assert out[0]["sha256"] == hashlib.sha256((tmp_path / "a.jpg").read_bytes()).hexdigest()
     assert out[0]["top"][0]["class"] == data.classes[data.test.labels[0]]
     assert out[1]["top"][0]["class"] == data.classes[data.test.labels[-1]]
     assert out[0]["top"][0]["probability"] >= out[0]["top"][1]["probability"]
@@ -185,8 +212,6 @@ def test_bf16_autocast_trains(learnable):
 
 
 def test_tiny_dataset_smaller_than_a_batch(tmp_path):
-    from conftest import synthetic_images, write_tree
-
     x, y = synthetic_images(3)
     write_tree(tmp_path / "t", x, y, "train")
     cfg = small_config(tmp_path / "t", epochs=1.0)

@@ -16,10 +16,11 @@ import pytest
 from optuna.trial import TrialState
 
 from cifarlab.tune import open_study
-from test_cli import CIFARLAB, call
+from helpers import CIFARLAB, call
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.slow,  # studies run trainings, workers and subprocesses
+              pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
 SPACE = """
 fidelity: {model: tutorial, epochs: 3, train_fraction: 1.0}

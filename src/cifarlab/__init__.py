@@ -10,28 +10,34 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "Callback",
     "CifarlabError",
+    "Predictor",
+    "RunWriter",
     "TrainConfig",
     "__version__",
     "create_model",
-    "evaluate_run",
+    "default_config",
     "list_models",
     "load_data",
     "load_run",
-    "predict_files",
     "train",
 ]
 
+# name -> module. No public name equals a submodule's name: importing cifarlab.trainer binds
+# the attribute `trainer`, never `train`, so `from cifarlab import train` is always the function.
 _LAZY = {
+    "Callback": "cifarlab.callbacks",
     "CifarlabError": "cifarlab.errors",
+    "Predictor": "cifarlab.infer",
+    "RunWriter": "cifarlab.runs",
     "TrainConfig": "cifarlab.config",
     "create_model": "cifarlab.models",
+    "default_config": "cifarlab.models",
     "list_models": "cifarlab.models",
     "load_data": "cifarlab.data",
-    "train": "cifarlab.train",
     "load_run": "cifarlab.runs",
-    "evaluate_run": "cifarlab.runs",
-    "predict_files": "cifarlab.runs",
+    "train": "cifarlab.trainer",
 }
 
 

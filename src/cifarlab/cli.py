@@ -65,7 +65,7 @@ def cli(verbose: bool) -> None:
                    "it on test (the study's fidelity epochs unless --epochs is given).")
 @_data_options
 @click.option("--val-size", type=int, default=None, help="Validation images taken from train "
-              "(default 5000; 0 trains on every training image).")
+              "(default 10% of it, at most 5000; 0 trains on every training image).")
 @click.option("--train-fraction", type=float, default=None, help="Stratified subsample of train.")
 @click.option("--epochs", type=float, default=None, help="Epochs (fractions allowed).")
 @click.option("--batch-size", type=int, default=None)
@@ -97,49 +97,31 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
           image_size: int | None, skip_bad: bool, runs_dir: Path, name: str | None,
           no_test: bool, quiet: bool, no_doctor: bool, **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
-    from cifarlab.config import TrainConfig
-    from cifarlab.models import get_spec
-    from cifarlab.runs import default_run_name
-    from cifarlab.train import EpochTable
-    from cifarlab.train import train as run_training
+    from cifarlab.callbacks import EpochTable
+    from cifarlab.data import load_data
+    from cifarlab.doctor import DoctorMonitor
+    from cifarlab.runs import RunWriter, default_run_name
+    from cifarlab.trainer import train as run_training
 
     if config_file is not None and from_study is not None:
         raise CifarlabError("Give --config or --from-study, not both.")
-    if config_file is not None:
-        try:
-            cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
-        except json.JSONDecodeError as exc:
-            raise CifarlabError(f"{config_file}: not valid JSON ({exc}).") from exc
-    elif from_study is not None:
-        from cifarlab.tune import best_config
+    if from_study is not None:
+        from cifarlab.tune import retrain_config
 
-        cfg, best = best_config(from_study)
+        cfg, best = retrain_config(from_study)
         click.echo(f"retraining trial {best.number} of {from_study} (val_loss {best.value:.4f}) "
                    "on train + validation")
-        cfg.data.val_size = 0
-        cfg.data.train_fraction = 1.0
-        cfg.tta = TrainConfig().tta
         name = name or f"{from_study.resolve().name}-best"
     else:
-        cfg = TrainConfig(model=model)
-        for k, v in get_spec(model).recipe.items():
-            setattr(cfg.optim, k, v)
-    if data is not None or (config_file is None and from_study is None):
-        cfg.data.source = str(data) if data else cfg.data.source
-    cfg.data.image_size = image_size or cfg.data.image_size
-    cfg.data.skip_bad = skip_bad or cfg.data.skip_bad
-    sections = {"val_size": cfg.data, "train_fraction": cfg.data, "cutout": cfg.aug,
-                "translate": cfg.aug, "flip": cfg.aug}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        target = sections.get(key, cfg if hasattr(cfg, key) else cfg.optim)
-        setattr(target, key, value)
-    cfg.validate()
+        cfg = _base_config(model, config_file)
+    cfg = _with_options(cfg, data, image_size, skip_bad, overrides)
     run_dir = runs_dir / (name or default_run_name(cfg.model))
-    callbacks = [] if quiet else [EpochTable()]
-    result = run_training(cfg, callbacks, run_dir=run_dir, evaluate_test=not no_test,
-                          progress=not quiet, doctor=not no_doctor)
+    writer = RunWriter(run_dir)  # refuses a finished run's folder before any work
+    split = load_data(cfg.data)
+    monitor = None if no_doctor else DoctorMonitor(num_classes=len(split.classes))
+    callbacks = [cb for cb in ([] if quiet else [EpochTable()]) + [monitor, writer] if cb]
+    result = run_training(cfg, callbacks, data=split, evaluate_test=not no_test,
+                          progress=not quiet)
     for label, loss, acc in (("val", result.val_loss, result.val_acc),
                              ("test", result.test_loss, result.test_acc)):
         if acc is not None:
@@ -148,11 +130,33 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
     click.echo(f"trained in {result.train_seconds:.1f} s ({result.precision}, {result.device})")
     if result.stopped_early:
         click.echo(f"stopped early: {result.stopped_early}")
-    for f in result.findings:
+    for f in result.extras.get("doctor", []):
         if f["severity"] in ("warning", "error", "critical"):
             click.echo(f"doctor: [{f['severity']}] {f['title']}: {f['message']} "
                        f"(fix: {f['fix']})")
     click.echo(f"run folder: {run_dir}")
+
+
+def _base_config(model: str, config_file: Path | None) -> Any:
+    """A config file's settings, or the model's default recipe."""
+    from cifarlab.config import load_config_file
+    from cifarlab.models import default_config
+
+    return load_config_file(config_file) if config_file is not None else default_config(model)
+
+
+def _with_options(cfg: Any, data: Path | None, image_size: int | None, skip_bad: bool,
+                  overrides: dict[str, Any]) -> Any:
+    """The config with the command's options applied, each through the config's own checked
+    path (``--lr`` sets ``optim.lr``), then validated."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if data is not None:
+        values["data.source"] = str(data)
+    if image_size is not None:
+        values["data.image_size"] = image_size
+    if skip_bad:
+        values["data.skip_bad"] = True
+    return cfg.with_values(values).validate()
 
 
 # ------------------------------------------------------------------------------- doctor
@@ -165,7 +169,8 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
 @_data_options
 @click.option("--epochs", type=float, default=1.0, show_default=True,
               help="Monitored training run after the preflight checks (0: preflight only).")
-@click.option("--val-size", type=int, default=None, help="Validation images taken from train.")
+@click.option("--val-size", type=int, default=None, help="Validation images taken from train "
+              "(default 10% of it, at most 5000).")
 @click.option("--train-fraction", type=float, default=None, help="Stratified subsample of train.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None, help="Learning rate per 1024 examples.")
@@ -184,30 +189,12 @@ def doctor(model: str, config_file: Path | None, data: Path | None, image_size: 
            html_path: Path | None, **overrides: Any) -> None:
     """Diagnose why a network is not learning: preflight checks on the data and the model,
     behavioural tests, then a monitored training run. Exit code 1 on an error (for CI)."""
-    from cifarlab.config import TrainConfig
     from cifarlab.data import load_data
     from cifarlab.doctor import diagnose_config
     from cifarlab.doctor.html import render_html
     from cifarlab.files import atomic_write_text
 
-    if config_file is not None:
-        try:
-            cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
-        except json.JSONDecodeError as exc:
-            raise CifarlabError(f"{config_file}: not valid JSON ({exc}).") from exc
-    else:
-        cfg = TrainConfig.for_model(model)
-    if data is not None:
-        cfg.data.source = str(data)
-    cfg.data.image_size = image_size or cfg.data.image_size
-    cfg.data.skip_bad = skip_bad or cfg.data.skip_bad
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        target = cfg.data if key in ("val_size", "train_fraction") else (
-            cfg if hasattr(cfg, key) else cfg.optim)
-        setattr(target, key, value)
-    cfg.validate()
+    cfg = _with_options(_base_config(model, config_file), data, image_size, skip_bad, overrides)
     report = diagnose_config(cfg, load_data(cfg.data), epochs=epochs,
                              behaviour=not no_behaviour)
     click.echo(report.to_text())
@@ -257,7 +244,8 @@ def doctor(model: str, config_file: Path | None, data: Path | None, image_size: 
               help="Seconds between a running trial's heartbeats; a trial silent for 3x this "
                    "belongs to a dead worker and is failed and retried.")
 @_data_options
-@click.option("--val-size", type=click.IntRange(1), default=5000, show_default=True)
+@click.option("--val-size", type=click.IntRange(1), default=None,
+              help="Validation images taken from train [default: 10% of it, at most 5000].")
 @click.option("-q", "--quiet", is_flag=True, help="No live table of trials.")
 @click.pass_context
 def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_file: Path | None,
@@ -265,7 +253,7 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
          sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
          devices: str | None, timeout: float | None, seed: int, heartbeat: int,
          data: Path | None,
-         image_size: int | None, skip_bad: bool, val_size: int, quiet: bool) -> None:
+         image_size: int | None, skip_bad: bool, val_size: int | None, quiet: bool) -> None:
     """Find hyperparameters by Bayesian optimization of validation loss.
 
     Runs a study (or resumes the one in --study-dir, or joins the one in --storage), prints a
@@ -356,27 +344,27 @@ def tune_report(study: Path, out: Path | None, storage: str | None) -> None:
               show_default=True, help="Largest request body; bigger ones get 413.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
               show_default=True)
-@click.option("--tta", type=click.IntRange(0, 2), default=0, show_default=True,
-              help="Test-time augmentation per image (0 none, 1 mirror, 2 + translations).")
+@click.option("--tta", type=click.IntRange(0, 2), default=None,
+              help="Test-time augmentation per image (0 none, 1 mirror, 2 + translations) "
+                   "[default: the run's, the one its test accuracy was measured with].")
 @click.option("--runs-root", type=click.Path(path_type=Path), default=None,
               help="Folder whose run folders POST /v1/reload may load [default: RUN's parent].")
 def serve(run: Path, host: str, port: int, workers: int, max_batch: int, max_wait_ms: float,
-          max_queue: int, cache_size: int, max_upload_mb: float, precision: str, tta: int,
+          max_queue: int, cache_size: int, max_upload_mb: float, precision: str,
+          tta: int | None,
           runs_root: Path | None) -> None:
     """Serve a run folder: a web page at / and a REST API (/v1/predict, KServe v2, /metrics)."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     import uvicorn
 
-    from cifarlab.runs import load_run
-    from cifarlab.serve.app import ENV_SETTINGS, ServeSettings, create_app, settings_json
+    from cifarlab.runs import read_run
+    from cifarlab.serve.app import create_app
+    from cifarlab.serve.settings import ENV_SETTINGS, ServeSettings, settings_json
 
-    # A bad run folder fails here, with its message, before the port is bound. The check runs
-    # on a thread that then exits: a thread that ran torch ops keeps an OpenMP team, and on a
-    # small CPU a second team slows the server's forward thread (see MicroBatcher.run).
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(load_run, run).result()
+    # A bad run folder fails here, with its message, before the port is bound. Only the config
+    # and summary are read: the server loads the weights once, on its forward thread.
+    read_run(run)
     settings = ServeSettings(
         run=str(run.resolve()), runs_root=str(runs_root.resolve()) if runs_root else None,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
@@ -399,19 +387,23 @@ def serve(run: Path, host: str, port: int, workers: int, max_batch: int, max_wai
 @_data_options
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--tta", type=click.IntRange(0, 2), default=None, help="Default: the run's.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              show_default=True, help="Inference precision (fp32: the same numbers as predict "
+                                      "and serve give).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(run: Path, data: Path | None, image_size: int | None, skip_bad: bool, split: str,
-             tta: int | None, device: str, as_json: bool) -> None:
+             tta: int | None, precision: str, device: str, as_json: bool) -> None:
     """Evaluate a run folder on a dataset's test (or train) split."""
     from cifarlab.data import prepare
-    from cifarlab.runs import evaluate_run, load_run
+    from cifarlab.infer import Predictor
+    from cifarlab.runs import load_run
 
     loaded = load_run(run)
+    predictor = Predictor.from_run(loaded, tta=tta, precision=precision, device=device)
     source = str(data) if data else loaded.config.data.source
-    prepared = prepare(source, _data_config(None, image_size or loaded.image_size, skip_bad))
-    ds = prepared.test if split == "test" else prepared.train
-    out = evaluate_run(loaded, ds, tta=tta, device=device)
+    prepared = prepare(source, _data_config(None, image_size or predictor.image_size, skip_bad))
+    out = predictor.evaluate(prepared.test if split == "test" else prepared.train)
     out["split"] = split
     if as_json:
         click.echo(json.dumps(out))
@@ -423,22 +415,28 @@ def evaluate(run: Path, data: Path | None, image_size: int | None, skip_bad: boo
 @cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-k", "--top-k", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> None:
+@click.option("-k", "--top-k", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--tta", type=click.IntRange(0, 2), default=None, help="Default: the run's.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: the same shape as the server's POST /v1/predict.")
+def predict(run: Path, images: tuple[Path, ...], top_k: int, tta: int | None, precision: str,
+            as_json: bool) -> None:
     """Print the top-k classes of image files (any common format and size)."""
-    from cifarlab.runs import predict_files
+    from cifarlab.infer import Predictor
 
     for img in images:
         if not img.is_file():
             raise CifarlabError(f"{img}: no such image file.")
-    results = predict_files(run, list(images), top_k)
+    out = Predictor.from_run(run, tta=tta, precision=precision).predict_files(list(images),
+                                                                              top_k)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps(out, indent=2))
         return
-    for r in results:
+    for r in out["predictions"]:
         tops = "  ".join(f"{t['class']} {t['probability'] * 100:5.1f}%" for t in r["top"])
-        click.echo(f"{r['file']}: {tops}")
+        click.echo(f"{r['filename']}: {tops}")
 
 
 # ------------------------------------------------------------------------------------ data

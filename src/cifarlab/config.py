@@ -9,19 +9,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cifarlab.errors import ConfigError
 
-__all__ = ["AugConfig", "DataConfig", "OptimConfig", "TrainConfig", "config_paths"]
+__all__ = [
+    "AugConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "config_paths",
+    "default_val_size",
+    "load_config_file",
+    "resolve_key",
+]
+
+# What `device` accepts (checked here, before anything runs; availability is checked when the
+# device is resolved).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
 class DataConfig:
     source: str | None = None  # None: --data, then $CIFARLAB_DATA, then the user cache
     image_size: int = 32
-    val_size: int = 5000  # taken from train, stratified; 0 trains on every training image
+    # taken from train, stratified; None: 10% of the training split, at most 5000 (see
+    # default_val_size); 0 trains on every training image
+    val_size: int | None = None
     train_fraction: float = 1.0  # stratified subsample of train (a tuning fidelity)
     test_fraction: float = 0.2  # for image trees that ship no test split
     skip_bad: bool = False
@@ -61,6 +78,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 where the hardware has bf16 units
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # cuDNN's deterministic kernels (a CUDA run repeats bit for bit) or its autotuned fastest
+    # ones; no effect on the CPU, which is deterministic either way
+    deterministic: bool = True
     tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1px translations
     seed: int = 0
     eval_every: int = 1  # evaluate on the validation split every N epochs
@@ -71,15 +91,11 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def for_model(cls, model: str) -> TrainConfig:
-        """The default config for ``model``, with the model's own recipe applied."""
-        from cifarlab.models import get_spec
-
-        cfg = cls(model=model)
-        for k, v in get_spec(model).recipe.items():
-            setattr(cfg.optim, k, v)
-        return cfg
+    def with_recipe(self, recipe: dict[str, Any]) -> TrainConfig:
+        """A copy with a model's recipe (optimizer keys: ``{"lr": 2.2, ...}``) applied through
+        the same checked path as any other value: a typo in a recipe is an error, not a new
+        attribute. :func:`cifarlab.models.default_config` applies a registered model's."""
+        return self.with_values({f"optim.{k}": v for k, v in recipe.items()})
 
     def get(self, path: str) -> Any:
         """The value at a dotted path such as ``optim.lr``."""
@@ -89,14 +105,11 @@ class TrainConfig:
         return obj
 
     def with_values(self, values: dict[str, Any]) -> TrainConfig:
-        """A copy with dotted-path values set (``{"optim.lr": 2.0}``), type-checked per field."""
+        """A copy with values set by dotted path (``{"optim.lr": 2.0}``) or by a leaf name that
+        names one field (``{"lr": 2.0}``), type-checked per field."""
         raw = self.to_dict()
-        paths = config_paths()
-        for path, value in values.items():
-            if path not in paths:
-                raise ConfigError(
-                    f"Unknown config key {path!r}; valid keys are {', '.join(sorted(paths))}."
-                )
+        for key, value in values.items():
+            path = resolve_key(key)
             *parents, leaf = path.split(".")
             node = raw
             for part in parents:
@@ -121,7 +134,9 @@ class TrainConfig:
             (0 <= self.optim.warmup_frac < 1, "optim.warmup_frac must be in [0, 1)"),
             (self.width > 0, "width must be > 0"),
             (self.data.image_size >= 8, "data.image_size must be >= 8"),
-            (self.data.val_size >= 0, "data.val_size must be >= 0"),
+            (self.data.val_size is None or (isinstance(self.data.val_size, int)
+             and not isinstance(self.data.val_size, bool) and self.data.val_size >= 0),
+             "data.val_size must be >= 0 (0 trains on every training image)"),
             (0 < self.data.train_fraction <= 1, "data.train_fraction must be in (0, 1]"),
             (0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
             (self.aug.translate >= 0, "aug.translate must be >= 0"),
@@ -129,6 +144,8 @@ class TrainConfig:
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (self.tta in (0, 1, 2), "tta must be 0, 1 or 2"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
+            (bool(DEVICE_PATTERN.fullmatch(self.device)),
+             f"device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N"),
         ]
         for ok, message in checks:
             if not ok:
@@ -156,8 +173,10 @@ def _from_dict(cls: Any, raw: Any, where: str) -> Any:
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
-    if default is None or value is None:
-        return value
+    if value is None or default is None:
+        if value is None or (isinstance(value, int | str) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where}: expected a number or null, got {value!r}.")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -186,3 +205,37 @@ def config_paths() -> dict[str, Any]:
 
     walk(TrainConfig(), "")
     return out
+
+
+def resolve_key(key: str) -> str:
+    """The dotted path of a config key: ``optim.lr`` as given, or ``lr`` when one field has that
+    name (a top-level field wins: ``seed`` is the training seed, ``data.seed`` the split seed)."""
+    paths = config_paths()
+    if key in paths:
+        return key
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    raise ConfigError(f"Unknown config key {key!r}; valid keys are {', '.join(sorted(paths))}.")
+
+
+def default_val_size(n_train: int) -> int:
+    """10% of the training split, at most 5,000 (CIFAR-10's 50,000 -> 5,000; a folder of 800
+    training images -> 80), and at least one image per class is left to the caller's check."""
+    return min(5000, n_train // 10)
+
+
+def load_config_file(path: Path | str) -> TrainConfig:
+    """A ``config.json`` (a run folder's, or one written by hand), checked key by key; every
+    error names the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}).") from None
+    try:
+        return TrainConfig.from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -13,7 +13,7 @@ import numpy as np
 from cifarlab.data import Dataset, PreparedData
 from cifarlab.index import ContentIndex
 
-__all__ = ["EXACT_ONLY", "find_duplicates"]
+__all__ = ["EXACT_ONLY", "duplicate_groups", "find_duplicates", "train_rows_of"]
 
 EXACT_ONLY = (
     "Exact hashing finds exact copies only: re-encoded, resized, cropped, mirrored or "
@@ -21,7 +21,7 @@ EXACT_ONLY = (
 )
 
 
-def _groups(digests: np.ndarray) -> list[np.ndarray]:
+def duplicate_groups(digests: np.ndarray) -> list[np.ndarray]:
     """Row groups (size >= 2) that share a digest, in first-occurrence order."""
     if len(digests) == 0:
         return []
@@ -36,9 +36,24 @@ def _groups(digests: np.ndarray) -> list[np.ndarray]:
     return sorted(groups, key=lambda g: int(g[0]))
 
 
+def train_rows_of(test_digests: np.ndarray, train_digests: np.ndarray,
+                  index: ContentIndex | None = None) -> np.ndarray:
+    """For each test digest, the first training row holding it, or -1.
+
+    ``index`` is the prepared dataset's saved fingerprint index (rows count train first, then
+    test, and a digest maps to its first row), read instead of building one; without it an
+    index of the training digests is built here.
+    """
+    if index is not None:
+        hit = index.lookup(test_digests)
+        return np.where(hit < len(train_digests), hit, -1)
+    built = ContentIndex.from_digests(train_digests, values=np.arange(len(train_digests)))
+    return built.lookup(test_digests)
+
+
 def _within(ds: Dataset, digests: np.ndarray) -> list[list[dict[str, Any]]]:
     return [[{"file": ds.filenames[i], "label": ds.classes[ds.labels[i]]} for i in g]
-            for g in _groups(digests)]
+            for g in duplicate_groups(digests)]
 
 
 def find_duplicates(data: PreparedData, by: str = "pixels") -> dict[str, Any]:
@@ -48,9 +63,9 @@ def find_duplicates(data: PreparedData, by: str = "pixels") -> dict[str, Any]:
         raise ValueError("by must be 'pixels' or 'files'")
     attr = "pixel_sha256" if by == "pixels" else "file_sha256"
     tr, te = getattr(data.train, attr), getattr(data.test, attr)
-    train_index = ContentIndex.from_digests(tr, values=np.arange(len(tr)))
-    hit = train_index.lookup(te)
-    train_groups = {int(i): g for g in _groups(tr) for i in g}
+    index = data.fingerprint_index(by) if data.cache is not None else None
+    hit = train_rows_of(te, tr, index)
+    train_groups = {int(i): g for g in duplicate_groups(tr) for i in g}
     leaks = []
     for j in np.flatnonzero(hit >= 0):
         rows = train_groups.get(int(hit[j]), np.array([hit[j]]))

@@ -21,6 +21,7 @@ probe loop handles every still-unresolved key at once.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
@@ -33,7 +34,7 @@ import numpy as np
 from cifarlab.errors import CifarlabError
 from cifarlab.files import atomic_write
 
-__all__ = ["ContentIndex", "IndexError_", "expected_probes"]
+__all__ = ["ContentIndex", "IndexError_", "expected_probes", "sha256_rows"]
 
 DIGEST = 32
 MAX_LOAD = 0.7
@@ -51,6 +52,16 @@ class IndexError_(CifarlabError):
     """An index file is corrupt, truncated or of an unknown version."""
 
     exit_code = 3
+
+
+def sha256_rows(rows: np.ndarray) -> np.ndarray:
+    """SHA-256 of each row's bytes (N×... uint8 -> N×32 uint8): the one fingerprint function,
+    used for images, records and everything the index holds."""
+    if len(rows) == 0:
+        return np.zeros((0, DIGEST), np.uint8)
+    flat = np.ascontiguousarray(rows).reshape(len(rows), -1)
+    out = b"".join(hashlib.sha256(r.data).digest() for r in flat)
+    return np.frombuffer(out, dtype=np.uint8).reshape(-1, DIGEST)
 
 
 def expected_probes(load: float) -> tuple[float, float]:

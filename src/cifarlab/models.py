@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.config import TrainConfig
 from cifarlab.errors import ModelError
 
-__all__ = ["AirNet", "ModelSpec", "create_model", "get_spec", "list_models", "register"]
+__all__ = ["AirNet", "ModelSpec", "create_model", "default_config", "get_spec", "list_models",
+           "register"]
 
 
 @dataclass
@@ -51,6 +53,11 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelError(
             f"Unknown model {name!r}; valid models are: {', '.join(list_models())}."
         ) from None
+
+
+def default_config(name: str) -> TrainConfig:
+    """The default config for model ``name``, with the model's own recipe applied."""
+    return TrainConfig(model=name).with_recipe(get_spec(name).recipe)
 
 
 def create_model(

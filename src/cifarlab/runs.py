@@ -1,75 +1,151 @@
-"""Run folders: everything needed to reload, evaluate, predict with or serve a trained model.
+"""Run folders: what a training run leaves behind, and how to read it back from its path alone.
 
 ``runs/<name>/`` holds ``config.json`` (the full :class:`TrainConfig`), ``model.safetensors``
 (weights; nothing a user may load is a pickle), ``metrics.jsonl`` (one row per epoch) and
-``summary.json`` (accuracies, losses, seconds, data SHA-256, classes, preprocessing, versions).
-Every file is written atomically, so a crash never leaves a half-written run behind.
+``summary.json`` (accuracies, losses, seconds, data SHA-256, classes, preprocessing, the weights'
+SHA-256 and parameter count, versions). :class:`RunWriter` is the trainer callback that writes
+them; every file is written atomically, so a crash never leaves a half-written run behind, and
+``summary.json`` is written last: its presence marks a finished run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import PIL
+import safetensors
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cifarlab import __version__
+from cifarlab.callbacks import Callback, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.errors import CifarlabError, RunError
 from cifarlab.files import atomic_write, atomic_write_text
 from cifarlab.models import create_model
 
-if TYPE_CHECKING:
-    from cifarlab.data import Dataset
-    from cifarlab.train import TrainResult
-
 __all__ = [
+    "CONFIG",
+    "METRICS",
+    "SUMMARY",
+    "WEIGHTS",
     "LoadedRun",
+    "RunInfo",
+    "RunWriter",
     "default_run_name",
-    "evaluate_run",
-    "finish_run",
     "load_run",
-    "predict_files",
-    "start_run",
-    "write_metrics",
+    "read_run",
 ]
 
 CONFIG, WEIGHTS, METRICS, SUMMARY = (
     "config.json", "model.safetensors", "metrics.jsonl", "summary.json",
 )
+FORMAT = "cifarlab-run-1"
 
 
 def default_run_name(model: str) -> str:
     return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def start_run(run_dir: Path | str, config: TrainConfig) -> Path:
-    path = Path(run_dir)
-    if (path / SUMMARY).exists():
-        raise RunError(f"{path} already holds a finished run; choose another --name.")
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / CONFIG, config.to_json() + "\n")
-    return path
+# --------------------------------------------------------------------------------- writing
 
 
-def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
-    atomic_write_text(path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+class RunWriter(Callback):
+    """Writes a run folder as training goes: the config at the start, the metrics after every
+    epoch, the weights and the summary at the end.
+
+    Place it after any callback whose findings belong in the summary (the doctor's monitor
+    adds them to ``result.extras`` in its own ``on_train_end``). A folder that already holds a
+    finished run is refused before training starts.
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if (self.path / SUMMARY).exists():
+            raise RunError(f"{self.path} already holds a finished run; choose another --name.")
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / CONFIG, state.config.to_json() + "\n")
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        atomic_write_text(self.path / METRICS,
+                          "".join(json.dumps(r) + "\n" for r in state.history))
+
+    def on_train_end(self, state: TrainState, result: TrainResult) -> None:
+        weights_sha256 = _write_weights(self.path / WEIGHTS, result.model, result.config.model)
+        atomic_write_text(self.path / SUMMARY,
+                          json.dumps(_summary(result, weights_sha256), indent=2) + "\n")
+
+
+def _write_weights(path: Path, model: nn.Module, name: str) -> str:
+    """Save the plain state dict as safetensors; returns the file's SHA-256."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "model": name}
+    digest = ""
+
+    def write(tmp: Path) -> None:
+        nonlocal digest
+        save_file(state, str(tmp), metadata=meta)
+        digest = _file_sha256(tmp)
+
+    atomic_write(path, write)
+    return digest
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _summary(result: TrainResult, weights_sha256: str) -> dict[str, Any]:
+    cfg = result.config
+    return {
+        "model": cfg.model,
+        "width": cfg.width,
+        "parameters": sum(p.numel() for p in result.model.parameters()),
+        "weights_sha256": weights_sha256,
+        "classes": result.classes,
+        "preprocessing": {
+            "image_size": cfg.data.image_size,
+            "mean": result.mean,
+            "std": result.std,
+            "note": "center-crop to square, resize, scale to [0,1], subtract mean, divide by std",
+        },
+        "val_loss": result.val_loss,
+        "val_acc": result.val_acc,
+        "test_loss": result.test_loss,
+        "test_acc": result.test_acc,
+        # the TTA that val/test were measured with, and the default of every inference on it
+        "tta": cfg.tta,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.train_seconds, 2),
+        "total_seconds": round(result.total_seconds, 2),
+        "stopped_early": None if result.stopped_early is None else str(result.stopped_early),
+        "stop": None if result.stopped_early is None else result.stopped_early.to_dict(),
+        "doctor": result.extras.get("doctor", []),
+        "data_sha256": result.data_sha256,
+        "data_source": result.source,
+        "precision": result.precision,
+        "device": result.device,
+        "versions": _versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _versions() -> dict[str, str]:
-    import PIL
-    import safetensors
-
-    from cifarlab import __version__
-
     return {
         "cifarlab": __version__,
         "torch": torch.__version__,
@@ -80,49 +156,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def finish_run(path: Path, result: TrainResult) -> None:
-    """Write weights, then the summary (whose presence marks the run complete)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-    meta = {"format": "cifarlab-run-1", "model": result.config.model}
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=meta))
-    n_params = sum(p.numel() for p in result.model.parameters())
-    summary = {
-        "model": result.config.model,
-        "width": result.config.width,
-        "parameters": n_params,
-        "classes": result.classes,
-        "preprocessing": {
-            "image_size": result.config.data.image_size,
-            "mean": result.mean,
-            "std": result.std,
-            "note": "center-crop to square, resize, scale to [0,1], subtract mean, divide by std",
-        },
-        "val_loss": result.val_loss,
-        "val_acc": result.val_acc,
-        "test_loss": result.test_loss,
-        "test_acc": result.test_acc,
-        "tta": result.config.tta,
-        "epochs_run": len(result.history),
-        "train_seconds": round(result.train_seconds, 2),
-        "total_seconds": round(result.total_seconds, 2),
-        "stopped_early": result.stopped_early,
-        "doctor": result.findings,
-        "data_sha256": result.data_sha256,
-        "data_source": result.source,
-        "precision": result.precision,
-        "device": result.device,
-        "versions": _versions(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_text(path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+# --------------------------------------------------------------------------------- reading
 
 
 @dataclass
-class LoadedRun:
+class RunInfo:
+    """A finished run's config and summary, read and checked without loading the weights."""
+
     path: Path
     config: TrainConfig
     summary: dict[str, Any]
-    model: nn.Module  # on CPU, in eval mode
 
     @property
     def classes(self) -> list[str]:
@@ -140,9 +183,25 @@ class LoadedRun:
     def image_size(self) -> int:
         return int(self.summary["preprocessing"]["image_size"])
 
+    @property
+    def tta(self) -> int:
+        """The run's inference TTA: what its test accuracy was measured with."""
+        return int(self.summary.get("tta", self.config.tta))
 
-def load_run(path: Path | str) -> LoadedRun:
-    """Rebuild a trained model from its run folder alone."""
+    @property
+    def weights_sha256(self) -> str:
+        """Recorded when the run was written; hashed here for runs from before that."""
+        recorded = self.summary.get("weights_sha256")
+        return recorded if recorded else _file_sha256(self.path / WEIGHTS)
+
+
+@dataclass
+class LoadedRun(RunInfo):
+    model: nn.Module  # on CPU, in eval mode
+
+
+def read_run(path: Path | str) -> RunInfo:
+    """Check a run folder and read its config and summary (cheap: no weights are loaded)."""
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path}: no such run folder. Train one with `cifarlab train`.")
@@ -154,67 +213,22 @@ def load_run(path: Path | str) -> LoadedRun:
     try:
         config = TrainConfig.from_dict(json.loads((path / CONFIG).read_text()))
         summary = json.loads((path / SUMMARY).read_text())
-        classes = summary["classes"]
-        size = int(summary["preprocessing"]["image_size"])
-    except (json.JSONDecodeError, KeyError, TypeError, CifarlabError) as exc:
+        info = RunInfo(path, config, summary)
+        info.classes, info.image_size, info.mean, info.std  # noqa: B018 - checks the keys
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, CifarlabError) as exc:
         raise RunError(f"{path}: damaged {CONFIG} or {SUMMARY} ({exc}).") from exc
-    model = create_model(config.model, len(classes), config.width, size)
+    return info
+
+
+def load_run(path: Path | str) -> LoadedRun:
+    """Rebuild a trained model from its run folder alone."""
+    info = read_run(path)
+    model = create_model(info.config.model, len(info.classes), info.config.width,
+                         info.image_size)
     try:
-        state = load_file(str(path / WEIGHTS))
-        model.load_state_dict(state)
+        model.load_state_dict(load_file(str(info.path / WEIGHTS)))
     except (SafetensorError, RuntimeError, OSError) as exc:
-        raise RunError(f"{path / WEIGHTS}: cannot load weights ({exc}).") from exc
+        raise RunError(f"{info.path / WEIGHTS}: cannot load weights ({exc}).") from exc
     model.eval()
-    return LoadedRun(path, config, summary, model)
+    return LoadedRun(info.path, info.config, info.summary, model)
 
-
-def evaluate_run(
-    run: LoadedRun | Path | str, ds: Dataset, tta: int | None = None, device: str = "auto"
-) -> dict[str, Any]:
-    """Loss and accuracy of a run on a dataset whose class names match the run's."""
-    from cifarlab.train import evaluate, resolve_device, resolve_precision
-
-    run = run if isinstance(run, LoadedRun) else load_run(run)
-    if list(ds.classes) != run.classes:
-        raise RunError(
-            f"dataset classes {ds.classes} differ from the run's classes {run.classes}."
-        )
-    if ds.images.shape[1] != run.image_size:
-        raise RunError(
-            f"dataset images are {ds.images.shape[1]}px but the run expects {run.image_size}px; "
-            f"pass --image-size {run.image_size}."
-        )
-    dev = resolve_device(device)
-    precision = resolve_precision(run.config.precision, dev)
-    model = run.model.to(dev)
-    t = run.config.tta if tta is None else tta
-    loss, acc = evaluate(model, ds, run.mean, run.std, dev, precision, t)
-    return {"loss": loss, "accuracy": acc, "images": len(ds), "tta": t}
-
-
-def predict_files(
-    run: LoadedRun | Path | str, files: Sequence[Path | str], top_k: int = 3
-) -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for image files of any common format and size."""
-    from cifarlab.imaging import decode_image
-    from cifarlab.train import Normalizer, predict_logits
-
-    run = run if isinstance(run, LoadedRun) else load_run(run)
-    arrays = [decode_image(Path(f), run.image_size) for f in files]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    cpu = torch.device("cpu")
-    logits = predict_logits(run.model, batch, Normalizer(run.mean, run.std, cpu), cpu, "fp32",
-                            tta=1)
-    probs = torch.softmax(logits, dim=1)
-    k = min(top_k, probs.shape[1])
-    top_p, top_i = probs.topk(k, dim=1)
-    return [
-        {
-            "file": str(f),
-            "top": [
-                {"class": run.classes[i], "probability": round(p, 6)}
-                for p, i in zip(top_p[n].tolist(), top_i[n].tolist(), strict=True)
-            ],
-        }
-        for n, f in enumerate(files)
-    ]

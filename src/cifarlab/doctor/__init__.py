@@ -13,10 +13,7 @@ For a cifarlab config, :func:`diagnose_config` does the same with cifarlab's own
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
+from cifarlab.doctor.diagnose import diagnose, diagnose_config, watch
 from cifarlab.doctor.findings import RULES, Finding, Report, Severity
 from cifarlab.doctor.monitor import DoctorMonitor
 from cifarlab.doctor.preflight import preflight
@@ -24,69 +21,3 @@ from cifarlab.doctor.subject import Subject, default_step, subject_from_config
 
 __all__ = ["RULES", "DoctorMonitor", "Finding", "Report", "Severity", "Subject", "default_step",
            "diagnose", "diagnose_config", "preflight", "subject_from_config", "watch"]
-
-
-def watch(subject: Subject, steps: int = 100, every: int = 10, batch_size: int = 64,
-          seed: int = 0) -> Report:
-    """Train a copy of the subject's model for ``steps`` steps of its own ``step_fn`` under a
-    :class:`DoctorMonitor`; returns the monitor's report."""
-    from cifarlab.config import TrainConfig
-    from cifarlab.train import TrainState
-
-    model = subject.fresh_model()
-    opt = subject.optimizer_for(model)
-    monitor = DoctorMonitor(every=every, num_classes=subject.num_classes,
-                            intentionally_frozen=subject.intentionally_frozen)
-    state = TrainState(TrainConfig(), model, opt, torch.device("cpu"), "fp32", steps,
-                       max(1, len(subject.train_x) // batch_size))
-    monitor.on_train_start(state)
-    gen = torch.Generator().manual_seed(seed)
-    x, y = subject.train_x, subject.train_y
-    ok = (y >= 0) & (y < subject.num_classes)
-    x, y = x[ok], y[ok]
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        xb, yb = x[idx], y[idx]
-        loss = subject.step_fn(model, opt, subject.loss_fn, xb, yb)
-        state.step += 1
-        monitor.on_step_end(state, _per_sample(subject, loss, len(yb)), xb, yb)
-        if state.should_stop:
-            break
-    report = monitor.finish(state)
-    report.context["watch"] = {"steps": state.step, "stopped": state.stop_reason}
-    return report
-
-
-def _per_sample(subject: Subject, loss: torch.Tensor, n: int) -> torch.Tensor:
-    reduction = getattr(subject.loss_fn, "reduction", "mean")
-    return loss.detach() / n if reduction == "sum" else loss.detach()
-
-
-def diagnose(subject: Subject, steps: int = 100, behaviour: bool = True,
-             seed: int = 0) -> Report:
-    """Preflight checks, then a monitored run of ``steps`` training steps."""
-    report = preflight(subject, behaviour=behaviour, seed=seed)
-    if steps > 0:
-        report.extend(watch(subject, steps=steps, seed=seed))
-    return report.consolidate()
-
-
-def diagnose_config(config: Any, data: Any, epochs: float | None = 1.0,
-                    behaviour: bool = True) -> Report:
-    """Preflight on ``config``'s model fed as cifarlab's trainer feeds it, then (unless
-    ``epochs`` is 0 or None) a monitored training run of ``epochs`` with the real trainer."""
-    from cifarlab.train import train
-
-    subject = subject_from_config(config, data)
-    report = preflight(subject, behaviour=behaviour, seed=config.seed)
-    if epochs:
-        cfg = config.with_values({"optim.epochs": float(epochs)})
-        monitor = DoctorMonitor(num_classes=len(data.classes))
-        result = train(cfg, [monitor], data=data, progress=False, evaluate_test=False,
-                       doctor=False)
-        report.extend(monitor.report)
-        report.context["training"] = {"epochs": epochs, "val_acc": result.val_acc,
-                                      "val_loss": result.val_loss,
-                                      "stopped": result.stopped_early,
-                                      "history": result.history}
-    return report.consolidate()

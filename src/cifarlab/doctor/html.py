@@ -9,6 +9,8 @@ import html
 import io
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from cifarlab.doctor.findings import Report
 
 __all__ = ["render_html"]
@@ -27,17 +29,13 @@ def _png(fig: Any) -> str:
 
 
 def _plots(report: Report) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = []
     mon = report.series.get("monitor") or {}
     steps = mon.get("step") or []
 
     def figure(title: str) -> tuple[Any, Any]:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
+        fig = Figure(figsize=(6, 3.2))  # no pyplot: nothing global, no backend to switch
+        ax = fig.subplots()
         ax.set_title(title)
         ax.grid(alpha=0.3)
         return fig, ax
@@ -47,12 +45,10 @@ def _plots(report: Report) -> list[tuple[str, str]]:
         ax.plot(steps, mon["loss"], marker=".")
         ax.set_xlabel("step")
         out.append(("loss", _png(fig)))
-        plt.close(fig)
         fig, ax = figure("Gradient norm (weights)")
         ax.semilogy(steps, [max(v, 1e-12) for v in mon["grad_norm"]], marker=".")
         ax.set_xlabel("step")
         out.append(("grad_norm", _png(fig)))
-        plt.close(fig)
         for key, title, log in (("update_ratio", "Update / weight ratio per layer", True),
                                 ("active_fraction",
                                  "Fraction of channels active at least once per batch", False)):
@@ -74,14 +70,12 @@ def _plots(report: Report) -> list[tuple[str, str]]:
             if len(names) <= 12:
                 ax.legend(fontsize=7)
             out.append((key, _png(fig)))
-            plt.close(fig)
-    curve = report.series.get("overfit_one_batch")
+        curve = report.series.get("overfit_one_batch")
     if curve and curve.get("loss"):
         fig, ax = figure("Overfitting one batch of 32 (plain cross-entropy)")
         ax.semilogy(curve["step"], [max(v, 1e-8) for v in curve["loss"]])
         ax.set_xlabel("step")
         out.append(("overfit", _png(fig)))
-        plt.close(fig)
     lr = report.series.get("lr_range")
     if lr and lr.get("lr_scale"):
         fig, ax = figure("LR range test (multiplier of the configured lr)")
@@ -90,7 +84,6 @@ def _plots(report: Report) -> list[tuple[str, str]]:
         ax.set_xlabel("lr multiplier")
         ax.set_ylabel("smoothed loss")
         out.append(("lr_range", _png(fig)))
-        plt.close(fig)
     return out
 
 

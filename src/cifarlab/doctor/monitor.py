@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.callbacks import Callback, StopReason, TrainResult, TrainState
 from cifarlab.doctor.findings import Report, Severity
-from cifarlab.train import Callback, TrainState
 
 __all__ = ["DoctorMonitor"]
 
@@ -194,8 +194,7 @@ class DoctorMonitor(Callback):
             if self.stop_on_divergence:
                 f = next((f for f in self.report.findings
                           if f.rule in ("nonfinite-loss", "input-nonfinite")), None)
-                state.should_stop = True
-                state.stop_reason = f"doctor: {f.message}" if f else "doctor: non-finite loss"
+                state.stop(StopReason("doctor", "nonfinite", f.message if f else "non-finite loss"))
             return
         t0 = time.perf_counter()
         if self._armed:
@@ -205,8 +204,8 @@ class DoctorMonitor(Callback):
                 self._logits_bad = self._replayed = True
                 self._replay(state.step)
                 if self.stop_on_divergence:
-                    state.should_stop = True
-                    state.stop_reason = f"doctor: {self.report.findings[-1].message}"
+                    state.stop(StopReason("doctor", "nonfinite",
+                                          self.report.findings[-1].message))
                 return
             self._sample(state, value)
         if (state.step + 1) % self.every == 0 or state.step == 0:
@@ -317,8 +316,7 @@ class DoctorMonitor(Callback):
                                 f"5·ln C = {5 * math.log(c):.2f} for 3 samples)", value=loss,
                                 threshold=5 * math.log(c), step=state.step)
                 if self.stop_on_divergence:
-                    state.should_stop = True
-                    state.stop_reason = f"doctor: loss diverged ({loss:.3g})"
+                    state.stop(StopReason("doctor", "diverged", f"loss diverged ({loss:.3g})"))
         else:
             self._high_loss = 0
 
@@ -364,8 +362,9 @@ class DoctorMonitor(Callback):
 
     # --------------------------------------------------------------------------- the end
 
-    def on_train_end(self, state: TrainState, result: Any) -> None:
-        self.finish(state)
+    def on_train_end(self, state: TrainState, result: TrainResult) -> None:
+        report = self.finish(state)
+        result.extras["doctor"] = [f.to_dict() for f in report.findings]
 
     def finish(self, state: TrainState) -> Report:
         self._disarm()

@@ -15,6 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.config import TrainConfig
+from cifarlab.data import SplitData
+from cifarlab.hardware import resolve_precision
+from cifarlab.index import ContentIndex
+from cifarlab.infer import Normalizer, to_device_images
+from cifarlab.models import create_model
+from cifarlab.optim import build_optimizer
+from cifarlab.trainer import training_step
+
 __all__ = ["StepFn", "Subject", "default_step", "subject_from_config"]
 
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, Callable[..., torch.Tensor], torch.Tensor,
@@ -64,6 +73,9 @@ class Subject:
     test_pixel_sha256: np.ndarray | None = None
     filenames: Sequence[str] | None = None
     test_filenames: Sequence[str] | None = None
+    # a saved fingerprint index over train then test rows (PreparedData.fingerprint_index):
+    # the leak check reads it instead of building one
+    fingerprints: ContentIndex | None = None
     intentionally_frozen: Sequence[str] = ()  # parameter names frozen on purpose
     batch_size: int = 32
 
@@ -92,20 +104,12 @@ class Subject:
                 "optimizer": type(self.optimizer).__name__ if self.optimizer else None}
 
 
-def subject_from_config(config: Any, data: Any, sample: int = 4096,
+def subject_from_config(config: TrainConfig, data: SplitData, sample: int = 4096,
                         val_sample: int = 2048) -> Subject:
-    """A :class:`Subject` fed as :func:`cifarlab.train.train` feeds ``config``'s model:
-    the same model (with its data-dependent init), normalization, loss and optimizer.
-    ``train_x`` is a stratified random sample of at most ``sample`` training images."""
-    from cifarlab.models import create_model
-    from cifarlab.train import (
-        Normalizer,
-        autocast,
-        build_optimizer,
-        resolve_precision,
-        to_device_images,
-    )
-
+    """A :class:`Subject` fed as :func:`cifarlab.trainer.train` feeds ``config``'s model:
+    the same model (with its data-dependent init), normalization, loss, optimizer and step.
+    ``train_x`` is a random sample of at most ``sample`` training images; the dataset checks see
+    every training image (validation split included) and the saved fingerprint index."""
     cpu = torch.device("cpu")
     rng = np.random.default_rng(config.seed)
     train = data.train
@@ -140,22 +144,23 @@ def subject_from_config(config: Any, data: Any, sample: int = 4096,
     def step(model: nn.Module, optimizer: torch.optim.Optimizer,
              loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
              y: torch.Tensor) -> torch.Tensor:
-        """The trainer's step: bf16 autocast where the trainer would use it."""
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(cpu, precision):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.detach().float()
+        """The trainer's own step: bf16 autocast where the trainer would use it."""
+        return training_step(model, optimizer, loss_fn, x, y, cpu, precision).float()
 
+    # The dataset checks look at every training image the source has (the validation split is
+    # training data too), through the prepared cache and its saved index when there is one.
+    prepared = data.prepared
+    full = prepared.train if prepared is not None else train
+    fingerprints = None
+    if prepared is not None and prepared.cache is not None:
+        fingerprints = prepared.fingerprint_index("pixels")
+    test = data.test
     return Subject(
         model=model, train_x=x, train_y=y, num_classes=n_classes, loss_fn=loss_fn,
         optimizer=optimizer, val_x=vx, val_y=vy, make_model=make_model, step_fn=step,
-        mean=list(data.mean), std=list(data.std), images=train.images,
-        labels_all=train.labels, pixel_sha256=train.pixel_sha256,
-        test_images=data.test.images if data.test is not None else None,
-        test_pixel_sha256=data.test.pixel_sha256 if data.test is not None else None,
-        filenames=train.filenames, test_filenames=data.test.filenames if data.test else None,
-        intentionally_frozen=frozen, batch_size=32,
+        mean=list(data.mean), std=list(data.std), images=full.images,
+        labels_all=full.labels, pixel_sha256=full.pixel_sha256,
+        test_images=test.images, test_pixel_sha256=test.pixel_sha256,
+        filenames=full.filenames, test_filenames=test.filenames,
+        fingerprints=fingerprints, intentionally_frozen=frozen, batch_size=32,
     )

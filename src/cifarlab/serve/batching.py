@@ -39,7 +39,7 @@ class QueueFull(Exception):
 @dataclass
 class _Item:
     image: np.ndarray  # H×W×3 uint8
-    model: Any  # the ServedModel the request was admitted under
+    model: Any  # the Predictor the request was admitted under
     future: asyncio.Future[Any]
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -171,7 +171,7 @@ class MicroBatcher:
         if self.on_batch is not None:
             self.on_batch(len(live), [now - i.enqueued for i in live])
         try:
-            probs = live[0].model.forward(np.stack([i.image for i in live]))
+            probs = live[0].model.probabilities(np.stack([i.image for i in live]))
         except Exception as exc:  # a model error fails its batch, never the batcher
             for i in live:
                 self._deliver(i.future, None, exc)

@@ -1,8 +1,15 @@
 """Bayesian optimization of training hyperparameters (``cifarlab tune``), built on Optuna.
 
 The only package that imports optuna. The objective is validation loss from
-:func:`cifarlab.train.train`; see :mod:`.samplers` for the surrogate and :mod:`.study` for
-storage, workers and failures.
+:func:`cifarlab.trainer.train`. Modules, in import order:
+
+* :mod:`.space`: search spaces and fidelity (files, checks, the built-in space);
+* :mod:`.samplers`: the failure-aware GP sampler, peers and pruners;
+* :mod:`.storage`: where a study lives (SQLite, PostgreSQL) and what it stores;
+* :mod:`.summary`: the live table, the summary, the best configuration to retrain;
+* :mod:`.interrupt`, :mod:`.objective`: Ctrl-C, and one trial's training;
+* :mod:`.workers`: create or join a study and run its workers;
+* :mod:`.report`: plots.
 """
 
 from cifarlab.tune.samplers import (
@@ -13,14 +20,9 @@ from cifarlab.tune.samplers import (
     make_sampler,
 )
 from cifarlab.tune.space import Fidelity, Param, SearchSpace, default_space, load_space
-from cifarlab.tune.study import (
-    StudyRef,
-    TuneSettings,
-    best_config,
-    open_study,
-    run_study,
-    summarize,
-)
+from cifarlab.tune.storage import StudyRef, TuneSettings, open_study
+from cifarlab.tune.summary import best_config, retrain_config, summarize
+from cifarlab.tune.workers import run_study
 
 __all__ = [
     "PRUNERS",
@@ -37,6 +39,7 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "open_study",
+    "retrain_config",
     "run_study",
     "summarize",
 ]

@@ -15,15 +15,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt  # Optuna's matplotlib plots draw through pyplot
 import numpy as np
 import optuna
+from matplotlib.ticker import NullFormatter
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from cifarlab.errors import StudyError
 from cifarlab.files import atomic_write, atomic_write_text
 from cifarlab.tune.samplers import Surrogate, fit_surrogate
-from cifarlab.tune.study import open_study, summarize
+from cifarlab.tune.storage import open_study
+from cifarlab.tune.summary import summarize
 
 __all__ = ["surrogate_slices", "write_report"]
 
@@ -33,18 +36,14 @@ MAX_SLICES = 4
 def write_report(study_dir: Path, out: Path, storage: str | None = None) -> list[Path]:
     """Write ``history``, ``parallel``, ``importances`` and ``surrogate`` as .png, and all four
     in ``index.html``. Returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     study = open_study(study_dir, storage)
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         raise StudyError(f"Study {study.study_name!r} has no completed trial to report on.")
     out.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    importances = _importances(study)
+    with warnings.catch_warnings():  # fANOVA importances are marked experimental in Optuna 5.0
+        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+        importances = _importances(study)
     important = list(importances)[:MAX_SLICES] or list(completed[-1].params)[:MAX_SLICES]
     surrogate = fit_surrogate(study)
 
@@ -132,8 +131,6 @@ def _kind(t: optuna.trial.FrozenTrial) -> str:
 
 
 def _surrogate_axes(slices: list[dict[str, Any]], study: optuna.Study) -> Any:
-    import matplotlib.pyplot as plt
-
     cols = min(2, len(slices))
     rows = math.ceil(len(slices) / cols)
     fig, axes = plt.subplots(rows, cols, squeeze=False)
@@ -152,8 +149,6 @@ def _surrogate_axes(slices: list[dict[str, Any]], study: optuna.Study) -> Any:
         if s["categorical"]:
             ax.set_xticks(x, [str(g) for g in s["grid"]])
         elif s["log"]:
-            from matplotlib.ticker import NullFormatter
-
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short spans
         ax.axvline(s["grid"].index(s["anchor"]) if s["categorical"] and s["anchor"] in s["grid"]
@@ -203,8 +198,6 @@ def _surrogate_plotly(slices: list[dict[str, Any]]) -> Any:
 
 
 def _importance_axes(importances: dict[str, float]) -> Any:
-    import matplotlib.pyplot as plt
-
     names = list(importances)[::-1]
     fig, ax = plt.subplots()
     ax.barh(names, [importances[n] for n in names])

@@ -29,6 +29,7 @@ from typing import Any
 
 from cifarlab.config import TrainConfig, config_paths
 from cifarlab.errors import ConfigError, ModelError
+from cifarlab.models import default_config
 
 __all__ = ["Fidelity", "Param", "SearchSpace", "default_space", "load_space"]
 
@@ -84,7 +85,7 @@ class SearchSpace:
 
     def base_config(self) -> TrainConfig:
         """The config every trial starts from: the model's recipe, the fidelity, ``fixed``."""
-        cfg = TrainConfig.for_model(self.fidelity.model)
+        cfg = default_config(self.fidelity.model)
         cfg = cfg.with_values({"optim.epochs": self.fidelity.epochs,
                                "data.train_fraction": self.fidelity.train_fraction,
                                "tta": 0, **self.fixed})
@@ -162,7 +163,7 @@ def default_space(model: str = "airnet", epochs: float = 2.0,
     Learning rate and weight decay span a factor of about 30 around the recipe on a log scale;
     the other ranges are wide enough to contain every setting the recipe's authors report.
     """
-    base = TrainConfig.for_model(model).optim
+    base = default_config(model).optim
     raw = {
         "fidelity": {"model": model, "epochs": epochs, "train_fraction": train_fraction},
         "params": {
@@ -231,7 +232,7 @@ def _parse(raw: Any, where: str) -> SearchSpace:
                           "are fidelity, params, fixed.")
     fidelity = _parse_fidelity(raw.get("fidelity") or {}, where)
     try:
-        base = TrainConfig.for_model(fidelity.model)
+        base = default_config(fidelity.model)
     except ModelError as exc:
         raise ConfigError(f"{where}: fidelity.model: {exc}") from None
 

@@ -10,8 +10,12 @@ async function loadModel() {
     const r = await fetch("/v1/model");
     const m = await r.json();
     if (!r.ok) throw new Error(m.error ? m.error.message : r.statusText);
-    const acc = m.test_accuracy == null ? "n/a" : pct(m.test_accuracy);
-    $("model").textContent = `${m.name} (${m.model}, version ${m.version}) · test accuracy ${acc}`;
+    // the accuracy shown is the one measured with the TTA that is serving, or none
+    const acc = m.test_accuracy != null ? `test accuracy ${pct(m.test_accuracy)} (TTA ${m.tta})`
+      : m.test_accuracy_tta !== m.tta
+        ? `test accuracy not measured at TTA ${m.tta} (the run's is TTA ${m.test_accuracy_tta})`
+        : "test accuracy n/a";
+    $("model").textContent = `${m.name} (${m.model}, version ${m.version}) · ${acc}`;
     $("classes").textContent = m.classes.join(", ");
     for (const r of m.recent.slice().reverse()) remember(r.filename, r.top[0]);
   } catch (e) {
@@ -46,6 +50,7 @@ function showBars(top) {
     const p = document.createElement("span");
     p.className = "p";
     p.textContent = pct(t.probability);
+    li.dataset.probability = t.probability;  // the exact value the API answered
     li.append(name, bar, p);
     return li;
   }));
@@ -67,11 +72,13 @@ async function classify(file) {
     $("status").textContent = `${pred.top[0].class} · ${body.timing.total_ms.toFixed(1)} ms` +
       (pred.cached ? " (cached)" : "");
     $("status").dataset.top = pred.top[0].class;
+    $("bars").dataset.top = JSON.stringify(pred.top);
     showBars(pred.top);
     remember(pred.filename, pred.top[0]);
   } catch (e) {
     $("status").textContent = "Error: " + e.message;
     $("bars").replaceChildren();
+    delete $("bars").dataset.top;
   }
 }
 

@@ -1,0 +1,240 @@
+"""Behavioural tests on throw-away copies of the model: initial loss, one-batch overfit, eval-mode
+determinism and batch independence, label signal against shuffled labels and zero inputs, and
+an LR range test."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.doctor.findings import Report, Severity
+from cifarlab.doctor.subject import Subject
+
+__all__ = ["behaviour_checks"]
+
+log_c = math.log
+
+
+def behaviour_checks(s: Subject, report: Report, seed: int = 0) -> None:
+    c = s.num_classes
+    chance = 1 / c
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.nan_to_num(s.train_x.float()), s.train_y.clone()
+    ok_labels = (y_all >= 0) & (y_all < c)
+    x_all, y_all = x_all[ok_labels], y_all[ok_labels]
+    if len(x_all) < 32:
+        return
+    report.checks_run += ["initial-loss", "cannot-overfit", "batch-dependence",
+                          "nondeterministic-eval", "ignores-input", "label-leak",
+                          "no-label-signal", "lr-too-high", "lr-too-low"]
+
+    # initial loss vs ln C (train-mode forward on a fresh copy: what step 0 sees)
+    model = s.fresh_model()
+    with torch.no_grad():
+        model.train()
+        idx = torch.randperm(len(x_all), generator=gen)[:256]
+        init_loss = float(F.cross_entropy(model(x_all[idx]).float(), y_all[idx]))
+    ln_c = log_c(c)
+    report.context["initial_loss"] = {"value": init_loss, "ln_c": ln_c}
+    if not math.isfinite(init_loss) or init_loss > 2 * ln_c or init_loss < 0.5 * ln_c:
+        report.add("initial-loss", Severity.WARNING,
+                   f"initial loss {init_loss:.3g} vs ln C = {ln_c:.3f} (expected within "
+                   f"[{0.5 * ln_c:.2f}, {2 * ln_c:.2f}])", value=init_loss,
+                   threshold=[0.5 * ln_c, 2 * ln_c], step=0)
+
+    # eval-mode properties: determinism, batch independence, use of the input
+    model = s.fresh_model().eval()
+    xb = x_all[:8].clone()
+    with torch.no_grad():
+        o1, o2 = model(xb).float(), model(xb).float()
+    if not torch.allclose(o1, o2, atol=1e-5, rtol=1e-4):
+        report.add("nondeterministic-eval", Severity.ERROR,
+                   f"two eval passes differ by up to {float((o1 - o2).abs().max()):.3g}",
+                   value=float((o1 - o2).abs().max()), threshold=1e-5)
+    else:
+        xg = xb.clone().requires_grad_(True)
+        out = model(xg).float()
+        out[0].sum().backward()
+        assert xg.grad is not None
+        leak = float(xg.grad[1:].abs().max())
+        if leak > 1e-6:
+            report.add("batch-dependence", Severity.ERROR,
+                       f"d output[0] / d input[j≠0] reaches {leak:.3g} (must be 0 in eval mode)",
+                       value=leak, threshold=0.0)
+        with torch.no_grad():
+            other = model(torch.roll(xb, 1, 0)).float()
+        if float((torch.roll(o1, 1, 0) - other).abs().max()) < 1e-6 and \
+                float((o1 - o1.mean(0)).abs().max()) < 1e-6:
+            report.add("ignores-input", Severity.ERROR,
+                       "the model gives the same output for every input", value=0.0)
+
+    _overfit_one_batch(s, report, x_all, y_all, gen)
+    _label_signal(s, report, x_all, y_all, gen, chance)
+    _lr_range(s, report, x_all, y_all, gen)
+
+
+def _plain_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The user's loss with label smoothing removed (it puts a floor under the loss)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.label_smoothing > 0:
+        return nn.CrossEntropyLoss(weight=loss_fn.weight, reduction=loss_fn.reduction)
+    return loss_fn
+
+
+def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
+                       gen: torch.Generator, steps: int = 200) -> None:
+    c = s.num_classes
+    target = 0.05 * log_c(c)
+    idx = torch.randperm(len(x), generator=gen)[:32]
+    xb, yb = x[idx], y[idx]
+    model = s.fresh_model()
+    opt = s.optimizer_for(model)
+    loss_fn = _plain_loss(s.loss_fn)
+    best, reached = float("inf"), None
+    curve = []
+    for step in range(steps):
+        s.step_fn(model, opt, loss_fn, xb, yb)
+        if (step + 1) % 5 and step + 1 < steps:
+            continue  # measured every 5 steps: each measurement is a forward pass
+        with torch.no_grad():  # train mode, as the step saw it (eval-mode BN stats lag)
+            loss = float(F.cross_entropy(model(xb).float(), yb))
+        curve.append(loss)
+        if not math.isfinite(loss):
+            break
+        best = min(best, loss)
+        if loss < target:
+            reached = step + 1
+            break
+    report.series["overfit_one_batch"] = {"step": [5 * (i + 1) for i in range(len(curve))],
+                                          "loss": curve}
+    if reached is None:
+        done = min(steps, 5 * len(curve))
+        report.add("cannot-overfit", Severity.ERROR,
+                   f"after {done} steps on one batch of 32 the loss is "
+                   f"{curve[-1]:.3g} (best {best:.3g}); target < 0.05·ln C = {target:.3f} "
+                   f"within {steps} steps", value=best, threshold=target, step=done)
+    else:
+        report.context["overfit_steps"] = reached
+
+
+def _short_train(s: Subject, x: torch.Tensor, y: torch.Tensor, steps: int,
+                 gen: torch.Generator, batch: int = 64) -> tuple[nn.Module, float]:
+    """A throw-away model trained for ``steps``; returns it with its mean training loss per
+    sample over the last quarter of the steps."""
+    model = s.fresh_model()
+    opt = s.optimizer_for(model)
+    late = []
+    for k in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = s.step_fn(model, opt, s.loss_fn, x[idx], y[idx])
+        if k >= steps * 3 // 4:
+            late.append(_per_sample(s, loss, batch))
+    return model, float(np.mean(late)) if late else float("nan")
+
+
+def _per_sample(s: Subject, loss: torch.Tensor, n: int) -> float:
+    value = float(loss)
+    return value / n if getattr(s.loss_fn, "reduction", "mean") == "sum" else value
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(x[i : i + 512]).float() for i in range(0, len(x), 512)])
+    return float((out.argmax(1) == y).float().mean())
+
+
+def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
+                  gen: torch.Generator, chance: float) -> None:
+    """Short trainings on real labels, shuffled labels and zero inputs, scored on validation."""
+    if s.val_x is None or s.val_y is None or len(s.val_x) < 100:
+        return
+    vx, vy = torch.nan_to_num(s.val_x.float()), s.val_y
+    n = min(len(x), 2048)
+    xs, ys = x[:n], y[:n]
+    steps = 60
+    sigma = math.sqrt(chance * (1 - chance) / len(vx))
+    margin = 4 * sigma + 0.02
+    real_model, real_fit = _short_train(s, xs, ys, steps, gen)
+    shuf_model, shuf_fit = _short_train(s, xs, ys[torch.randperm(n, generator=gen)], steps, gen)
+    zero_model, _ = _short_train(s, torch.zeros_like(xs), ys, steps, gen)
+    real, shuffled = _accuracy(real_model, vx, vy), _accuracy(shuf_model, vx, vy)
+    zeros = _accuracy(zero_model, vx, vy)
+    report.context["label_signal"] = {
+        "val_acc_real": real, "val_acc_shuffled": shuffled, "val_acc_zero_input": zeros,
+        "train_loss_real": real_fit, "train_loss_shuffled": shuf_fit, "chance": chance,
+        "margin": margin, "steps": steps}
+    # A model trained on random labels lands anywhere near chance (its predictions are
+    # correlated, so the spread is wider than binomial); a leak puts it far above.
+    leak_limit = chance + max(margin, 0.5 * (1 - chance))
+    if shuffled > leak_limit:
+        report.add("label-leak", Severity.ERROR,
+                   f"trained on shuffled labels, validation accuracy is {shuffled:.3f} "
+                   f"(chance {chance:.3f}, limit {leak_limit:.3f})", value=shuffled,
+                   threshold=leak_limit)
+    # Real labels are learned much faster than random ones (Zhang et al. 2017); when they are
+    # not, the labels do not belong to their images. Only meaningful when training works.
+    # Two independent signs must agree: validation accuracy no better than chance, and a
+    # training loss no lower than with shuffled labels.
+    fits = all(f.rule != "cannot-overfit" for f in report.findings)
+    if fits and math.isfinite(real_fit) and math.isfinite(shuf_fit) and \
+            real <= chance + margin and real_fit > 0.85 * shuf_fit:
+        report.add("no-label-signal", Severity.ERROR,
+                   f"after {steps} steps the training loss with the given labels is "
+                   f"{real_fit:.3f}, about that with shuffled labels ({shuf_fit:.3f}; healthy: "
+                   f"well below 0.85×); validation accuracy {real:.3f}, chance {chance:.3f}",
+                   value=real_fit, threshold=0.85 * shuf_fit)
+
+
+def _lr_range(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
+              gen: torch.Generator, steps: int = 100, lo: float = 1e-3,
+              hi: float = 1e3) -> None:
+    """Smith's LR range test on a copy: the lr multiplier grows geometrically from ``lo`` to
+    ``hi`` times the configured lr; the loss is smoothed and the run stops when it blows up."""
+    model = s.fresh_model()
+    opt = s.optimizer_for(model)
+    base = [g["lr"] for g in opt.param_groups]
+    loss_fn = s.loss_fn
+    scales, losses = [], []
+    smooth = None
+    for k in range(steps):
+        scale = lo * (hi / lo) ** (k / (steps - 1))
+        for g, b in zip(opt.param_groups, base, strict=True):
+            g["lr"] = b * scale
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = _per_sample(s, s.step_fn(model, opt, loss_fn, x[idx], y[idx]), 64)
+        if not math.isfinite(loss):
+            break
+        smooth = loss if smooth is None else 0.8 * smooth + 0.2 * loss
+        scales.append(scale)
+        losses.append(smooth)
+        if smooth > 4 * min(losses) and k > 10:
+            break
+    report.series["lr_range"] = {"lr_scale": scales, "loss": losses}
+    if len(losses) < 10:
+        return
+    arr = np.array(losses)
+    i_min = int(arr.argmin())
+    grads = np.gradient(arr, np.log(scales))
+    i_steep = int(grads[: max(1, i_min)].argmin()) if i_min > 0 else 0
+    s_min, s_steep = scales[i_min], scales[i_steep]
+    report.context["lr_range"] = {"scale_at_min": s_min, "scale_at_steepest": s_steep,
+                                  "configured_lr": base[0], "suggested_lr": base[0] * s_steep}
+    report.add("lr-suggestion", Severity.INFO,
+               f"suggested lr ≈ {base[0] * s_steep:.3g} (steepest descent), loss minimum at "
+               f"{base[0] * s_min:.3g}; configured {base[0]:.3g}",
+               suggested=base[0] * s_steep, minimum=base[0] * s_min, configured=base[0])
+    if s_min < 0.5 and arr[-1] > arr[i_min] * 1.5:
+        report.add("lr-too-high", Severity.WARNING,
+                   f"configured lr {base[0]:.3g} is {1 / s_min:.0f}× the lr at the loss "
+                   f"minimum ({base[0] * s_min:.3g}) of the range test",
+                   value=base[0], threshold=base[0] * s_min)
+    elif s_steep > 30:
+        report.add("lr-too-low", Severity.WARNING,
+                   f"configured lr {base[0]:.3g} is {s_steep:.0f}× below the range test's "
+                   f"suggestion {base[0] * s_steep:.3g}", value=base[0],
+                   threshold=base[0] * s_steep / 30)

@@ -1,0 +1,68 @@
+"""The on-device loader: the whole dataset as one uint8 tensor, augmented a batch at a time.
+
+As in airbench: no per-sample Python and no worker processes. Each step gathers a batch of
+uint8 images, normalizes it, and mirrors, translates and cuts out the whole batch at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from cifarlab.config import TrainConfig
+from cifarlab.data import Dataset
+from cifarlab.infer import Normalizer, to_device_images
+
+__all__ = ["DeviceLoader"]
+
+
+class DeviceLoader:
+    """Iterates over augmented, normalized batches of a dataset held as one tensor on a device."""
+
+    def __init__(self, ds: Dataset, cfg: TrainConfig, norm: Normalizer, device: torch.device):
+        self.images = to_device_images(ds.images, device)
+        self.labels = torch.from_numpy(ds.labels).to(device)
+        self.norm, self.device, self.aug = norm, device, cfg.aug
+        self.batch_size = min(cfg.optim.batch_size, len(ds))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        # Alternating flip (airbench): a fixed random half of the images is mirrored on even
+        # epochs and the other half on odd ones, so every image is seen both ways in 2 epochs.
+        self.flip_base = (torch.rand(len(ds), generator=self.gen) < 0.5).to(device)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(len(self.labels), generator=self.gen).to(self.device)
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self._augment(self.images[idx], idx), self.labels[idx]
+        self.epoch += 1
+
+    def _augment(self, x8: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x8)  # B×C×H×W float
+        b, _, h, w = x.shape
+        if self.aug.flip:
+            mask = self.flip_base[idx] ^ bool(self.epoch % 2)
+            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+        r = self.aug.translate
+        if r > 0:
+            xp = F.pad(x, (r, r, r, r), mode="reflect")
+            dy = torch.randint(0, 2 * r + 1, (b,), generator=self.gen).to(self.device)
+            dx = torch.randint(0, 2 * r + 1, (b,), generator=self.gen).to(self.device)
+            rows = (dy[:, None] + torch.arange(h, device=self.device))[:, :, None]  # B×H×1
+            cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, :]  # B×1×W
+            bidx = torch.arange(b, device=self.device)[:, None, None]
+            x = xp[bidx, :, rows, cols].permute(0, 3, 1, 2)  # B×H×W×C gathered -> B×C×H×W
+        if self.aug.cutout > 0:
+            s = self.aug.cutout
+            cy = torch.randint(0, h, (b, 1, 1), generator=self.gen).to(self.device)
+            cx = torch.randint(0, w, (b, 1, 1), generator=self.gen).to(self.device)
+            ys = torch.arange(h, device=self.device).view(1, h, 1)
+            xs = torch.arange(w, device=self.device).view(1, 1, w)
+            hole = ((ys - cy).abs() * 2 < s) & ((xs - cx).abs() * 2 < s)  # B×H×W
+            x = x * (~hole).unsqueeze(1)
+        return x.contiguous(memory_format=torch.channels_last)

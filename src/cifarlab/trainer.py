@@ -1,0 +1,201 @@
+"""``train(config, callbacks) -> TrainResult``: the fast trainer.
+
+Built the way the fastest CIFAR-10 trainers are (airbench, Keller Jordan 2024): the whole
+dataset is one uint8 tensor on the training device, augmentation runs on whole batches there
+(:mod:`cifarlab.loader`), Nesterov SGD with decoupled hyperparameters and a triangular schedule,
+label smoothing, lookahead-style weight averaging (:mod:`cifarlab.optim`), channels_last, bf16
+autocast where the hardware has bf16 units, and flip/translate test-time augmentation
+(:mod:`cifarlab.infer`). Measured on a 2-core EPYC: see docs/BENCHMARKS.md.
+
+The trainer knows nothing about folders or doctors: a :class:`cifarlab.runs.RunWriter` writes
+the run folder and a :class:`cifarlab.doctor.DoctorMonitor` watches, when the caller passes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cifarlab.callbacks import Callback, TrainResult, TrainState
+from cifarlab.config import TrainConfig
+from cifarlab.data import SplitData, load_data
+from cifarlab.errors import ConfigError
+from cifarlab.hardware import autocast, cudnn_mode, resolve_device, resolve_precision
+from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
+from cifarlab.loader import DeviceLoader
+from cifarlab.models import create_model
+from cifarlab.optim import Lookahead, build_optimizer
+
+__all__ = ["train", "training_step"]
+
+log = logging.getLogger(__name__)
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                  device: torch.device, precision: str) -> torch.Tensor:
+    """One step: forward under autocast, backward, optimizer step; returns the detached loss.
+
+    The trainer's loop and the doctor's behavioural tests both take their steps here.
+    """
+    model.train()
+    with autocast(device, precision):
+        loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train(
+    config: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    *,
+    data: SplitData | None = None,
+    evaluate_test: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.data`` and return the model with its metrics.
+
+    Per-step and per-epoch metrics reach ``callbacks`` in order; a callback may end training
+    with ``state.stop(StopReason(...))``. The test split is evaluated only at the end, and only
+    when ``evaluate_test`` is true. Raises :class:`ConfigError` for invalid settings.
+
+    Example::
+
+        from cifarlab import TrainConfig, train
+        from cifarlab.runs import RunWriter
+        result = train(default_config("airnet"), [RunWriter("runs/first")])
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    with cudnn_mode(device, config.deterministic):
+        return _train(config, list(callbacks), data, evaluate_test, progress, device)
+
+
+def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | None,
+           evaluate_test: bool, progress: bool, device: torch.device) -> TrainResult:
+    t_start = time.perf_counter()
+    precision = resolve_precision(config.precision, device)
+    data = data if data is not None else load_data(config.data)
+    if len(data.train) == 0:
+        raise ConfigError("The training split is empty.")
+
+    torch.manual_seed(config.seed)
+    size = data.train.images.shape[1]
+    model = create_model(config.model, len(data.classes), config.width, size).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    norm = Normalizer(data.mean, data.std, device)
+    loader = DeviceLoader(data.train, config, norm, device)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = max(1, math.ceil(steps_per_epoch * config.optim.epochs))
+    optimizer, scheduler = build_optimizer(model, config, total_steps)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, reduction="sum")
+    state = TrainState(config, model, optimizer, device, precision, total_steps, steps_per_epoch)
+    for cb in callbacks:
+        cb.on_train_start(state)
+
+    t_train = time.perf_counter()
+    init = getattr(model, "init_from_data", None)
+    if callable(init):
+        # A seeded random sample: splits are stored sorted by class, so a prefix would be
+        # one class only and would whiten for, say, airplanes and sky.
+        rng = np.random.default_rng(config.seed)
+        pick = np.sort(rng.permutation(len(data.train))[:5000])
+        init(norm(to_device_images(data.train.images[pick], device)))
+    train_seconds = time.perf_counter() - t_train
+
+    lookahead: Lookahead | None = None
+    ema_start = int(config.optim.ema_start_frac * total_steps)
+    val = data.val if data.val is not None and len(data.val) else None
+    val_images = to_device_images(val.images, device) if val is not None else None
+
+    def evaluate(images: torch.Tensor, labels: np.ndarray, tta: int) -> tuple[float, float]:
+        return loss_and_accuracy(
+            predict_logits(model, images, norm, device, precision, tta), labels)
+
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    for epoch in range(n_epochs):
+        state.epoch = epoch
+        t0 = time.perf_counter()
+        hook = getattr(model, "on_epoch_start", None)
+        if callable(hook):
+            hook(epoch / n_epochs)
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(total=min(steps_per_epoch, total_steps - state.step), leave=False,
+                   desc=f"epoch {epoch + 1}/{n_epochs}", unit="step",
+                   disable=None if progress else True)
+        for inputs, labels in loader:
+            loss = training_step(model, optimizer, loss_fn, inputs, labels, device, precision)
+            scheduler.step()
+            state.step += 1
+            loss_sum += loss.float()
+            seen += len(labels)
+            if config.optim.ema and state.step >= ema_start and state.step % 5 == 0:
+                if lookahead is None:
+                    lookahead = Lookahead(model)
+                else:
+                    # decay warms up over training: move fast early, average hard at the end
+                    rho = 0.95**5 * (state.step / total_steps) ** 3
+                    lookahead.update(model, rho)
+            for cb in callbacks:
+                cb.on_step_end(state, loss / len(labels), inputs, labels)
+            bar.update(1)
+            if state.step >= total_steps or state.should_stop:
+                break
+        bar.close()
+        if lookahead is not None:
+            lookahead.update(model, 1.0)  # hand the averaged weights back to the net
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": state.step,
+            "train_loss": (loss_sum / max(1, seen)).item(),
+            "val_loss": None,
+            "val_acc": None,
+            "seconds": round(epoch_seconds, 3),
+            "images_per_second": round(seen / epoch_seconds, 1) if epoch_seconds > 0 else None,
+        }
+        last = state.step >= total_steps or state.should_stop
+        if val is not None and val_images is not None and (
+                (epoch + 1) % config.eval_every == 0 or last):
+            row["val_loss"], row["val_acc"] = evaluate(val_images, val.labels, 0)
+        state.history.append(row)
+        for cb in callbacks:
+            cb.on_epoch_end(state, row)
+        if state.step >= total_steps or state.should_stop:
+            break
+
+    val_loss = val_acc = test_loss = test_acc = None
+    last_row = state.history[-1] if state.history else {}
+    if config.tta == 0 and last_row.get("val_loss") is not None:
+        val_loss, val_acc = last_row["val_loss"], last_row["val_acc"]  # same weights, same eval
+    elif val is not None and val_images is not None:
+        val_loss, val_acc = evaluate(val_images, val.labels, config.tta)
+    if evaluate_test and len(data.test):
+        test_loss, test_acc = evaluate(to_device_images(data.test.images, device),
+                                       data.test.labels, config.tta)
+    result = TrainResult(
+        model=model, config=config, classes=list(data.classes), mean=list(data.mean),
+        std=list(data.std), history=state.history, train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - t_start, val_loss=val_loss, val_acc=val_acc,
+        test_loss=test_loss, test_acc=test_acc, stopped_early=state.stop_reason,
+        data_sha256=data.data_sha256, source=data.source, precision=precision,
+        device=str(device),
+    )
+    for cb in callbacks:
+        cb.on_train_end(state, result)
+    return result

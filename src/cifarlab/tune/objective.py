@@ -1,0 +1,162 @@
+"""The objective: train with a trial's parameters and return the validation loss (never the
+test loss), reporting each epoch to the pruner and recording failures with their reasons and the
+doctor's findings, so the surrogate learns where not to go."""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import socket
+from typing import Any, NoReturn
+
+import optuna
+import torch
+
+from cifarlab.callbacks import Callback, StopReason, TrainState
+from cifarlab.config import TrainConfig
+from cifarlab.doctor.findings import Report
+from cifarlab.doctor.monitor import DoctorMonitor
+from cifarlab.errors import ConfigError
+from cifarlab.trainer import train
+from cifarlab.tune.interrupt import StopFlag
+from cifarlab.tune.samplers import IMPUTE_ATTR
+from cifarlab.tune.space import SearchSpace
+
+__all__ = ["Objective", "TrialFailed", "TrialInterrupted"]
+
+
+class TrialFailed(Exception):
+    """The trial's training went wrong in a way its parameters explain (NaN loss, OOM)."""
+
+
+class TrialInterrupted(Exception):
+    """Ctrl-C during the trial."""
+
+
+class Objective:
+    """Train with the trial's parameters; return the validation loss (never the test loss).
+
+    Validation loss is reported after every epoch so a pruner can stop the trial; a non-finite
+    training loss ends the trial at once, as a failure with its reason stored in the study.
+    """
+
+    def __init__(self, space: SearchSpace, base: TrainConfig, data: Any, stop: StopFlag,
+                 train_seed: int = 0, check_every: int = 10):
+        self.space, self.base, self.data, self.stop = space, base, data, stop
+        self.train_seed, self.check_every = train_seed, check_every
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = self.space.suggest(trial)
+        try:
+            config = self.base.with_values(values)
+            config.seed = self.train_seed  # same seed for every trial: compare like with like
+            config.validate()
+        except ConfigError as exc:
+            return self._fail(trial, "config", str(exc), impute=True)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        watch = _TrialWatch(trial, self.stop, self.check_every)
+        monitor = DoctorMonitor(num_classes=len(self.data.classes))
+        try:
+            result = train(config, [watch, monitor], data=self.data, evaluate_test=False,
+                           progress=False)
+        except Exception as exc:
+            oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+            _free_device_memory()
+            kind = "oom" if oom else "exception"
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _record_doctor(trial, monitor.report, failed=True)
+            return self._fail(trial, kind, reason, impute=True)
+        trial.set_user_attr("epochs", len(result.history))
+        trial.set_user_attr("train_seconds", round(result.train_seconds, 2))
+        stop = result.stopped_early
+        by_doctor = stop is not None and stop.by == "doctor"
+        finding = _record_doctor(trial, monitor.report,
+                                 failed=watch.failure is not None or by_doctor)
+        if watch.failure is not None:
+            return self._fail(trial, "nonfinite", _with_finding(watch.failure, finding),
+                              impute=True)
+        if stop is not None and by_doctor:
+            return self._fail(trial, stop.kind, str(stop), impute=True)
+        if watch.interrupted:
+            return self._fail(trial, "interrupted", "interrupted by Ctrl-C", impute=False)
+        if watch.pruned:
+            raise optuna.TrialPruned(f"pruned after epoch {watch.pruned_at}")
+        val_loss, val_acc = result.val_loss, result.val_acc
+        if val_loss is None:  # _worker checks val_size > 0, so this is a bug
+            raise RuntimeError("training returned no validation loss")
+        if not math.isfinite(val_loss):
+            return self._fail(trial, "nonfinite", f"validation loss is {val_loss}", impute=True)
+        trial.set_user_attr("val_acc", val_acc)
+        return float(val_loss)
+
+    @staticmethod
+    def _fail(trial: optuna.Trial, kind: str, reason: str, impute: bool) -> NoReturn:
+        trial.set_user_attr("fail_kind", kind)
+        trial.set_user_attr("fail_reason", reason)
+        if impute:
+            trial.set_user_attr(IMPUTE_ATTR, True)
+        if kind == "interrupted":
+            raise TrialInterrupted(reason)
+        raise TrialFailed(reason)
+
+
+def _record_doctor(trial: optuna.Trial, report: Report, failed: bool) -> str | None:
+    """Store the doctor's findings on the trial (user attr ``doctor``); returns the message of
+    the worst one. A failed trial always gets the attribute, empty when the monitors saw no
+    symptom before the failure."""
+    report.consolidate()
+    alarms = sorted(report.alarms(), key=lambda f: -f.severity)
+    if alarms or failed:
+        trial.set_user_attr("doctor", [{"rule": f.rule, "severity": str(f.severity),
+                                        "message": f.message} for f in alarms])
+    return alarms[0].message if alarms else None
+
+
+def _with_finding(reason: str, finding: str | None) -> str:
+    return f"{reason}; doctor: {finding}" if finding else reason
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _TrialWatch(Callback):
+    """Trainer callback: reports per-epoch validation loss, prunes, and stops on NaN/Inf."""
+
+    def __init__(self, trial: optuna.Trial, stop: StopFlag, check_every: int):
+        self.trial, self.stop, self.check_every = trial, stop, check_every
+        self.failure: str | None = None
+        self.pruned = False
+        self.pruned_at = 0
+        self.interrupted = False
+
+    def on_step_end(self, state: TrainState, loss: torch.Tensor, inputs: torch.Tensor,
+                    labels: torch.Tensor) -> None:
+        # A NaN never heals, so checking every k steps loses at most k steps and avoids a
+        # device sync per step on a GPU.
+        if state.step % self.check_every == 0 or state.step == state.total_steps:
+            value = float(loss)
+            if not math.isfinite(value):
+                self.failure = f"training loss became {value} at step {state.step}"
+                state.stop(StopReason("tune", "nonfinite", self.failure))
+        if self.stop.requested and not state.should_stop:
+            self.interrupted = True
+            state.stop(StopReason("user", "interrupted", "interrupted by Ctrl-C"))
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        if self.failure or self.interrupted:
+            return
+        val_loss = metrics.get("val_loss")
+        if val_loss is None:
+            return
+        if not math.isfinite(val_loss):
+            self.failure = f"validation loss became {val_loss} after epoch {metrics['epoch']}"
+            state.stop(StopReason("tune", "nonfinite", self.failure))
+            return
+        self.trial.report(val_loss, metrics["epoch"])
+        if state.step < state.total_steps and self.trial.should_prune():
+            self.pruned, self.pruned_at = True, metrics["epoch"]
+            state.stop(StopReason("tune", "pruned", f"pruned after epoch {metrics['epoch']}"))

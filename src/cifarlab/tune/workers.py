@@ -1,0 +1,225 @@
+"""Running a study: create or join it, run its workers (processes on this machine, or
+machines sharing one storage), survive dead workers and Ctrl-C, and stop at the trial budget."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from cifarlab import __version__
+from cifarlab.config import DataConfig
+from cifarlab.data import load_data
+from cifarlab.errors import CifarlabError, ConfigError, StudyError
+from cifarlab.files import atomic_write_text
+from cifarlab.tune.interrupt import StopFlag
+from cifarlab.tune.objective import Objective
+from cifarlab.tune.samplers import default_startup, make_pruner, make_sampler
+from cifarlab.tune.space import SearchSpace, default_space
+from cifarlab.tune.storage import (
+    DATA_ATTR,
+    SETTINGS_ATTR,
+    SPACE_ATTR,
+    STUDY_FILE,
+    TuneSettings,
+    connect,
+    redact,
+    study_space,
+)
+from cifarlab.tune.summary import LiveTable
+
+__all__ = ["budget_used", "run_study"]
+
+_INTERRUPTED = 130  # a worker's exit code after Ctrl-C
+
+
+def run_study(settings: TuneSettings, space: SearchSpace | None,
+              announce: Callable[[str], Any] | None = None) -> tuple[optuna.Study, bool]:
+    """Create the study (or join the one already there) and run its workers to the end.
+
+    ``space`` is ``None`` to use the space stored in an existing study, or the built-in space
+    for a new one; a different space for an existing study is an error. Returns the
+    study (see :func:`summarize`) and whether Ctrl-C stopped it.
+    """
+    settings.study_dir.mkdir(parents=True, exist_ok=True)
+    study = _create_or_join(settings, space)
+    space = study_space(study)
+    if announce is not None:
+        done = len(study.trials)
+        announce(f"study {settings.name} ({redact(settings.storage_url)}): "
+                 + (f"resuming with {done} trial(s) stored" if done else "new"))
+        for line in space.describe():
+            announce("  " + line)
+    if settings.devices and settings.workers < len(settings.devices):
+        settings.workers = len(settings.devices)
+    interrupted = _worker(settings, 0) if settings.workers == 1 else _spawn_workers(settings)
+    study = optuna.load_study(study_name=settings.name, storage=connect(settings.storage_url))
+    return study, interrupted
+
+
+def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna.Study:
+    # load_if_exists: two machines starting the same command at once end up in one study
+    study = optuna.create_study(study_name=settings.name, storage=connect(settings.storage_url),
+                                direction="minimize", load_if_exists=True)
+    stored = study.user_attrs.get(SPACE_ATTR)
+    if stored is None:
+        study.set_user_attr(SPACE_ATTR, (space or default_space()).to_dict())
+        study.set_user_attr(SETTINGS_ATTR, {
+            "sampler": settings.sampler, "pruner": settings.pruner, "seed": settings.seed,
+            "cifarlab": __version__, "optuna": optuna.__version__})
+    elif space is not None and stored != space.to_dict():
+        raise StudyError(
+            f"Study {settings.name!r} already exists with a different search space or "
+            "fidelity. Resume it without --space/--model/--epochs/--train-fraction, or choose "
+            "another --name.")
+    ref = {"storage": redact(settings.storage_url), "study_name": settings.name}
+    if settings.storage is None:
+        ref["storage"] = "sqlite:///study.db"  # relative to the folder: the folder can move
+    atomic_write_text(settings.study_dir / STUDY_FILE, json.dumps(ref, indent=2) + "\n")
+    return study
+
+
+def _spawn_workers(settings: TuneSettings) -> bool:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_entry, args=(settings, i), name=f"cifarlab-worker-{i}")
+             for i in range(settings.workers)]
+    for p in procs:
+        p.start()
+    # Ctrl-C reaches every worker through the terminal's process group; each one stops after
+    # marking its running trial. The parent only waits for them.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bad = [p for p in procs if p.exitcode not in (0, None, _INTERRUPTED)]
+    if bad:
+        codes = ", ".join(f"{p.name}: {p.exitcode}" for p in bad)
+        raise StudyError(f"Worker process(es) ended with an error ({codes}); the study keeps "
+                         "every finished trial; run the same command again to resume.")
+    return any(p.exitcode == _INTERRUPTED for p in procs)
+
+
+def _worker_entry(settings: TuneSettings, index: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if _worker(settings, index):
+            sys.exit(_INTERRUPTED)
+    except CifarlabError as exc:
+        print(f"worker {index}: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """For the duration of a worker: no Optuna log line per trial (a failed trial is reported
+    by the live table with its reason; Optuna would add a traceback), and no warning that
+    heartbeats and their retry callback are experimental in Optuna 5.0 (they are what lets a
+    study survive a killed worker, and Optuna is pinned). Both are restored afterwards."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _worker(settings: TuneSettings, index: int) -> bool:
+    """Run trials until the budget is used; True if Ctrl-C stopped it."""
+    with _quiet_optuna():
+        return _run_trials(settings, index)
+
+
+def _run_trials(settings: TuneSettings, index: int) -> bool:
+    storage = connect(settings.storage_url, settings)
+    study0 = optuna.load_study(study_name=settings.name, storage=storage)
+    space = study_space(study0)
+    base = space.base_config()
+    base.data = DataConfig(**{**asdict(settings.data),
+                              "train_fraction": space.fidelity.train_fraction})
+    base.validate()
+    if base.data.val_size is not None and base.data.val_size <= 0:
+        raise ConfigError("A study minimizes validation loss, so it needs a validation split; "
+                          "set --val-size above 0.")
+    device = settings.devices[index % len(settings.devices)] if settings.devices else "auto"
+    base.device = device
+    if device in ("auto", "cpu") and settings.workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    data = load_data(base.data)
+    _check_same_data(study0, data.data_sha256)
+
+    seed = settings.seed if index == 0 else settings.seed + 1000 * index
+    n_startup = (settings.n_startup if settings.n_startup is not None
+                 else default_startup(settings.n_trials))
+    study = optuna.load_study(
+        study_name=settings.name,
+        storage=storage,
+        sampler=make_sampler(settings.sampler, seed, n_startup),
+        pruner=make_pruner(settings.pruner, math.ceil(space.fidelity.epochs)),
+    )
+    stop = StopFlag()
+    table = LiveTable(prefix=f"w{index} " if settings.workers > 1 else "",
+                      quiet=settings.quiet)
+    objective = Objective(space, base, data, stop, train_seed=settings.seed)
+    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+    table.header()
+    with stop.installed():
+        while not stop.requested:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried
+            used, waiting = budget_used(study)
+            if used >= settings.n_trials and not waiting:
+                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    break
+                # Another worker's trial is still running; if that worker is dead, its trial
+                # goes stale after the grace period and is retried here, so wait and look again.
+                time.sleep(min(settings.heartbeat_interval, 5))
+                continue
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[table],
+                           gc_after_trial=False)
+    return stop.requested
+
+
+def _check_same_data(study: optuna.Study, sha: str | None) -> None:
+    stored = study.user_attrs.get(DATA_ATTR)
+    if stored is None:
+        study.set_user_attr(DATA_ATTR, sha)
+    elif sha is not None and stored != sha:
+        raise StudyError(f"This worker's data (sha256 {sha[:12]}…) differs from the study's "
+                         f"({str(stored)[:12]}…); point --data or CIFARLAB_DATA at the same "
+                         "dataset the study started with.")
+
+
+def budget_used(study: optuna.Study) -> tuple[int, bool]:
+    """(trials that count against ``n_trials``, whether retries are waiting).
+
+    A trial lost to a dead worker is retried as a new WAITING trial and does not count twice;
+    a trial stopped by Ctrl-C does not count either.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    used = sum(
+        1 for t in trials
+        if t.state != TrialState.WAITING and t.number not in retried
+        and t.user_attrs.get("fail_kind") != "interrupted"
+    )
+    return used, waiting
