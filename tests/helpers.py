@@ -66,9 +66,9 @@ def synthetic_images(n_per_class: int, size: int = 32, seed: int = 0,
 
 
 def write_tree(root: Path, images: np.ndarray, labels: np.ndarray, split: str = "train",
-               classes: list[str] = CLASSES, fmt: str = "png") -> list[Path]:
+               classes: list[str] = CLASSES, fmt: str = "png", start: int = 0) -> list[Path]:
     paths = []
-    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+    for i, (img, y) in enumerate(zip(images, labels, strict=True), start=start):
         d = root / split / classes[y]
         d.mkdir(parents=True, exist_ok=True)
         p = d / f"{i:04d}.{fmt}"

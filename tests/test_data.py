@@ -298,3 +298,24 @@ def test_export_png_roundtrip(tree, tmp_path):
     np.testing.assert_array_equal(np.sort(again.train.images.reshape(len(again.train), -1), 0),
                                   np.sort(d.train.images.reshape(len(d.train), -1), 0))
     assert not list((tmp_path / "out").rglob(".*tmp"))
+
+
+def test_source_hash_is_remembered_by_file_identity(tmp_path, monkeypatch):
+    import os
+
+    from cifarlab.data import cache_dir, source_sha256
+
+    f = tmp_path / "blob.tar"
+    f.write_bytes(b"x" * 1000)
+    digest = source_sha256(f)
+    assert digest == hashlib.sha256(b"x" * 1000).hexdigest()
+    known = cache_dir() / "sources.json"
+    assert digest in known.read_text()
+    calls = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: calls.append(p) or real_open(p, *a, **k))
+    assert source_sha256(f) == digest and str(f) not in map(str, calls)  # not read again
+    monkeypatch.undo()
+    f.write_bytes(b"y" * 1000)  # same size, new contents and modification time
+    os.utime(f, ns=(1, 1))
+    assert source_sha256(f) == hashlib.sha256(b"y" * 1000).hexdigest()

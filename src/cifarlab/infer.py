@@ -169,7 +169,10 @@ class Predictor:
                              f"got {images.shape}")
         if self._norm is None:
             self._norm = Normalizer(self.mean, self.std, self.device)
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        arr = np.ascontiguousarray(images)
+        if not arr.flags.writeable:  # a memory-mapped split: torch wants writable memory
+            arr = arr.copy()
+        batch = torch.from_numpy(arr).permute(0, 3, 1, 2)
         return predict_logits(self.model, batch, self._norm, self.device, self.precision,
                               self.tta)
 

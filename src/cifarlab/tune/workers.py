@@ -56,7 +56,8 @@ def run_study(settings: TuneSettings, space: SearchSpace | None,
     study (see :func:`summarize`) and whether Ctrl-C stopped it.
     """
     settings.study_dir.mkdir(parents=True, exist_ok=True)
-    study = _create_or_join(settings, space)
+    with _quiet_optuna():
+        study = _create_or_join(settings, space)
     space = study_space(study)
     if announce is not None:
         done = len(study.trials)
