@@ -21,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_section
 from cifarlab.callbacks import Callback, TrainState
 from cifarlab.data import load_data
-from cifarlab.hardware import autocast
 from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
 from cifarlab.models import create_model, default_config, get_spec, list_models
-from cifarlab.trainer import train
+from cifarlab.trainer import train, training_step
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -50,11 +49,7 @@ def throughput(args: argparse.Namespace) -> None:
                 times = []
                 for step in range(args.warmup + args.steps):
                     t0 = time.perf_counter()
-                    with autocast(dev, precision):
-                        loss = loss_fn(model(xb), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    training_step(model, opt, loss_fn, xb, y, dev, precision)
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                     if step >= args.warmup:

@@ -33,13 +33,8 @@ StepFn = Callable[[nn.Module, torch.optim.Optimizer, Callable[..., torch.Tensor]
 def default_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
-    """One ordinary training step; returns the loss."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    """One ordinary fp32 training step (the trainer's own, without autocast); returns the loss."""
+    return training_step(model, optimizer, loss_fn, x, y, x.device, "fp32")
 
 
 @dataclass

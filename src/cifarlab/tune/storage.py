@@ -8,12 +8,14 @@ machine needs only the storage URL and the study name.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from cifarlab.config import DataConfig
 from cifarlab.errors import StudyError
@@ -96,11 +98,27 @@ def connect(url: str, settings: TuneSettings | None = None) -> optuna.storages.R
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=2),
         )
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as exc:  # sqlalchemy's connection and driver errors
-        raise StudyError(f"Cannot open study storage {redact(url)}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    for attempt in range(_SCHEMA_RACE_RETRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except (IntegrityError, ProgrammingError) as exc:
+            # Two machines starting on an empty database both create Optuna's tables; the
+            # loser's CREATE fails on a duplicate name (PostgreSQL: pg_type_typname_nsp_index).
+            # The tables exist by then, so connecting again succeeds.
+            if attempt == _SCHEMA_RACE_RETRIES:
+                raise _storage_error(url, exc) from None
+            time.sleep(0.2 * (attempt + 1))
+        except Exception as exc:  # sqlalchemy's connection and driver errors
+            raise _storage_error(url, exc) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_SCHEMA_RACE_RETRIES = 5
+
+
+def _storage_error(url: str, exc: Exception) -> StudyError:
+    return StudyError(f"Cannot open study storage {redact(url)}: "
+                      f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
 
 
 def redact(url: str) -> str:

@@ -1,0 +1,85 @@
+"""The optimizers: Muon's orthogonalized update against a direct SVD computation, and its SGD
+groups against torch.optim.SGD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifarlab.optim import Muon, orthogonalize
+
+CUBIC = (1.5, -0.5, 0.0)  # the classic Newton–Schulz iteration: converges to U·Vᵀ exactly
+
+
+def _polar(g: torch.Tensor) -> torch.Tensor:
+    """U·Vᵀ of the thin SVD: the reference."""
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (5, 8), (6, 6), (16, 27)])
+def test_converged_newton_schulz_is_the_svd_polar_factor(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = orthogonalize(g, steps=60, coefficients=CUBIC)
+    assert torch.allclose(x, _polar(g), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 27), (27, 64), (32, 32)])
+def test_fast_quintic_keeps_singular_vectors_and_squeezes_singular_values(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    x = orthogonalize(g)  # 5 quintic steps, as Muon uses
+    core = u.T @ x @ vh.T  # diagonal when x shares g's singular vectors
+    diag = torch.diagonal(core)
+    assert (core - torch.diag(diag)).abs().max() < 1e-3
+    assert diag.min() > 0.55 and diag.max() < 1.25, diag  # every direction moves about equally
+    assert s.max() / s.min() > 3  # while the gradient's did not
+
+
+def test_muon_step_equals_the_direct_computation():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, bias=False).double()
+    w0 = conv.weight.detach().clone()
+    grads = [torch.randn_like(w0) for _ in range(2)]
+    lr, m, wd = 0.1, 0.6, 0.01
+    opt = Muon(conv.parameters(), lr=lr, momentum=m, weight_decay=wd, ns_steps=60,
+               ns_coefficients=CUBIC)
+    w, buf = w0.clone(), torch.zeros_like(w0)
+    for g in grads:
+        conv.weight.grad = g.clone()
+        opt.step()
+        buf = m * buf + g
+        look = (g + m * buf).reshape(8, -1)  # Nesterov, as a matrix: 8 × 27
+        w = w * (1 - lr * wd) - lr * _polar(look).view_as(w)  # wide: no √(rows/cols) scale
+    assert torch.allclose(conv.weight.detach(), w, atol=1e-6)
+
+
+def test_tall_updates_are_scaled_by_sqrt_rows_over_cols():
+    p = torch.nn.Parameter(torch.zeros(32, 8, dtype=torch.float64))
+    p.grad = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    Muon([p], lr=1.0, momentum=0.0, ns_steps=60, ns_coefficients=CUBIC).step()
+    assert torch.allclose(-p.detach(), _polar(p.grad) * 2.0, atol=1e-6)  # √(32/8) = 2
+
+
+def test_sgd_groups_match_torch_sgd_exactly():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    mine = Muon(a.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01, muon=False)
+    ref = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                          weight_decay=0.01)
+    x = torch.randn(16, 5)
+    for _ in range(4):
+        for model, opt in ((a, mine), (b, ref)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_muon_refuses_vectors():
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="muon=False"):
+        Muon([p]).step()
