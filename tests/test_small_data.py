@@ -39,7 +39,7 @@ def test_every_command_with_defaults_on_a_small_folder(folder, tmp_path, monkeyp
 
     r = run_cli("evaluate", "runs/own", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["accuracy"] == pytest.approx(summary["test_acc"], abs=0.011)
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(summary["test_acc"])  # both fp32
     image = next(folder.rglob("*.jpg"))
     r = run_cli("predict", "runs/own", str(image))
     assert r.returncode == 0 and r.stdout.count("%") == 5, r.stderr

@@ -155,7 +155,7 @@ def test_run_folder_reloads_to_identical_predictions(learnable, tmp_path):
     assert run.config == cfg and not run.model.training
     data = load_data(cfg.data)
     out = Predictor.from_run(run).evaluate(data.test)
-    assert out["tta"] == cfg.tta and out["precision"] == "fp32"
+    assert out["tta"] == cfg.tta and out["precision"] == summary["test_precision"] == "fp32"
     assert out["accuracy"] == pytest.approx(result.test_acc)
     assert out["loss"] == pytest.approx(result.test_loss, rel=1e-5)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from cifarlab.data import Dataset
 from cifarlab.errors import ConfigError, RunError
-from cifarlab.hardware import autocast, resolve_device, resolve_precision
+from cifarlab.hardware import INFERENCE_PRECISION, autocast, resolve_device, resolve_precision
 from cifarlab.imaging import decode_image
 from cifarlab.runs import LoadedRun, load_run
 
@@ -122,7 +122,7 @@ class Predictor:
     std: list[float]
     image_size: int
     tta: int = 0
-    precision: str = "fp32"  # inference precision: fp32 unless asked (same numbers everywhere)
+    precision: str = INFERENCE_PRECISION  # fp32 unless asked: the same numbers everywhere
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     name: str = ""  # the served model's name: its run folder's name
     version: str = ""  # the first 12 hex digits of the weights' SHA-256
@@ -131,7 +131,7 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: LoadedRun | Path | str, tta: int | None = None,
-                 precision: str = "fp32", device: str = "cpu") -> Predictor:
+                 precision: str = INFERENCE_PRECISION, device: str = "cpu") -> Predictor:
         """Load a run folder (or wrap a loaded one). ``tta`` defaults to the run's own, the one
         its test accuracy was measured with; ``precision`` is ``fp32``, ``bf16`` or ``auto``."""
         run = run if isinstance(run, LoadedRun) else load_run(run)

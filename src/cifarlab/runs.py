@@ -31,6 +31,7 @@ from cifarlab.callbacks import Callback, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.errors import CifarlabError, RunError
 from cifarlab.files import atomic_write, atomic_write_text
+from cifarlab.hardware import INFERENCE_PRECISION
 from cifarlab.models import create_model
 
 __all__ = [
@@ -130,6 +131,7 @@ def _summary(result: TrainResult, weights_sha256: str) -> dict[str, Any]:
         "test_acc": result.test_acc,
         # the TTA that val/test were measured with, and the default of every inference on it
         "tta": cfg.tta,
+        "test_precision": INFERENCE_PRECISION,
         "epochs_run": len(result.history),
         "train_seconds": round(result.train_seconds, 2),
         "total_seconds": round(result.total_seconds, 2),

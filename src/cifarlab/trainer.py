@@ -28,7 +28,13 @@ from cifarlab.callbacks import Callback, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData, load_data
 from cifarlab.errors import ConfigError
-from cifarlab.hardware import autocast, cudnn_mode, resolve_device, resolve_precision
+from cifarlab.hardware import (
+    INFERENCE_PRECISION,
+    autocast,
+    cudnn_mode,
+    resolve_device,
+    resolve_precision,
+)
 from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
 from cifarlab.loader import DeviceLoader
 from cifarlab.models import create_model
@@ -119,9 +125,9 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     val = data.val if data.val is not None and len(data.val) else None
     val_images = to_device_images(val.images, device) if val is not None else None
 
-    def evaluate(images: torch.Tensor, labels: np.ndarray, tta: int) -> tuple[float, float]:
-        return loss_and_accuracy(
-            predict_logits(model, images, norm, device, precision, tta), labels)
+    def evaluate(images: torch.Tensor, labels: np.ndarray, tta: int,
+                 at: str = precision) -> tuple[float, float]:
+        return loss_and_accuracy(predict_logits(model, images, norm, device, at, tta), labels)
 
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(n_epochs):
@@ -186,8 +192,11 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     elif val is not None and val_images is not None:
         val_loss, val_acc = evaluate(val_images, val.labels, config.tta)
     if evaluate_test and len(data.test):
+        # at the inference precision: the test accuracy a run records is what evaluate, predict
+        # and serve reproduce (validation stays at the training precision: it is the tuner's
+        # objective, measured once per trial)
         test_loss, test_acc = evaluate(to_device_images(data.test.images, device),
-                                       data.test.labels, config.tta)
+                                       data.test.labels, config.tta, INFERENCE_PRECISION)
     result = TrainResult(
         model=model, config=config, classes=list(data.classes), mean=list(data.mean),
         std=list(data.std), history=state.history, train_seconds=train_seconds,

@@ -36,14 +36,18 @@ MAX_SLICES = 4
 def write_report(study_dir: Path, out: Path, storage: str | None = None) -> list[Path]:
     """Write ``history``, ``parallel``, ``importances`` and ``surrogate`` as .png, and all four
     in ``index.html``. Returns the files written."""
+    with warnings.catch_warnings():  # Optuna 5.0 marks its matplotlib plots and fANOVA
+        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+        return _write_report(study_dir, out, storage)
+
+
+def _write_report(study_dir: Path, out: Path, storage: str | None) -> list[Path]:
     study = open_study(study_dir, storage)
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         raise StudyError(f"Study {study.study_name!r} has no completed trial to report on.")
     out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # fANOVA importances are marked experimental in Optuna 5.0
-        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-        importances = _importances(study)
+    importances = _importances(study)
     important = list(importances)[:MAX_SLICES] or list(completed[-1].params)[:MAX_SLICES]
     surrogate = fit_surrogate(study)
 
