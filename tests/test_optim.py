@@ -83,3 +83,37 @@ def test_muon_refuses_vectors():
     p.grad = torch.ones(4)
     with pytest.raises(ValueError, match="muon=False"):
         Muon([p]).step()
+
+
+def test_muon_recipe_puts_filters_under_muon_and_the_rest_under_sgd():
+    from cifarlab.models import create_model, default_config
+    from cifarlab.optim import build_optimizer
+
+    cfg = default_config("airnet", "airbench94-muon")
+    model = create_model("airnet", 10, 0.25)
+    opt, sched = build_optimizer(model, cfg, total_steps=10)
+    assert isinstance(opt, Muon)
+    groups = {g["muon"]: g for g in opt.param_groups if g["muon"]}
+    filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
+    assert [id(p) for p in groups[True]["params"]] == [id(p) for p in filters]
+    assert groups[True]["normalize"] and groups[True]["weight_decay"] == 0
+    sgd = [g for g in opt.param_groups if not g["muon"]]
+    assert {id(p) for g in sgd for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad and p.ndim != 4}
+    assert sched.get_last_lr()[0] == pytest.approx(cfg.optim.muon_lr)  # no warm-up
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.0)  # linear decay to zero at the end
+
+
+def test_muon_recipe_trains(learnable):
+    from cifarlab.config import DataConfig
+    from cifarlab.models import default_config
+    from cifarlab.trainer import train
+
+    cfg = default_config("airnet", "airbench94-muon").with_values(
+        {"width": 0.25, "precision": "fp32", "batch_size": 64, "epochs": 6.0, "tta": 0})
+    cfg.data = DataConfig(source=str(learnable), val_size=40)
+    result = train(cfg, progress=False)
+    assert result.test_acc is not None and result.test_acc >= 0.9, result.history

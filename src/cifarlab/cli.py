@@ -58,6 +58,8 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="airnet", show_default=True)
+@click.option("--recipe", default=None, help="A named recipe of the model (`cifarlab models` "
+              "lists them) [default: the model's default recipe].")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               help="A config.json (e.g. from a run folder); options given here override it.")
 @click.option("--from-study", type=click.Path(path_type=Path), default=None,
@@ -93,7 +95,8 @@ def cli(verbose: bool) -> None:
 @click.option("--no-test", is_flag=True, help="Do not evaluate on the test split at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch table or progress bar.")
 @click.option("--no-doctor", is_flag=True, help="Do not run the doctor's training monitors.")
-def train(model: str, config_file: Path | None, from_study: Path | None, data: Path | None,
+def train(model: str, recipe: str | None, config_file: Path | None, from_study: Path | None,
+          data: Path | None,
           image_size: int | None, skip_bad: bool, runs_dir: Path, name: str | None,
           no_test: bool, quiet: bool, no_doctor: bool, **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
@@ -105,6 +108,9 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
 
     if config_file is not None and from_study is not None:
         raise CifarlabError("Give --config or --from-study, not both.")
+    if recipe is not None and (config_file is not None or from_study is not None):
+        raise CifarlabError("--recipe starts from a model's recipe; --config and --from-study "
+                            "bring their own. Give one of them.")
     if from_study is not None:
         from cifarlab.tune import retrain_config
 
@@ -113,7 +119,7 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
                    "on train + validation")
         name = name or f"{from_study.resolve().name}-best"
     else:
-        cfg = _base_config(model, config_file)
+        cfg = _base_config(model, config_file, recipe)
     cfg = _with_options(cfg, data, image_size, skip_bad, overrides)
     run_dir = runs_dir / (name or default_run_name(cfg.model))
     writer = RunWriter(run_dir)  # refuses a finished run's folder before any work
@@ -137,12 +143,14 @@ def train(model: str, config_file: Path | None, from_study: Path | None, data: P
     click.echo(f"run folder: {run_dir}")
 
 
-def _base_config(model: str, config_file: Path | None) -> Any:
-    """A config file's settings, or the model's default recipe."""
+def _base_config(model: str, config_file: Path | None, recipe: str | None = None) -> Any:
+    """A config file's settings, or the model's recipe (its default, or the named one)."""
     from cifarlab.config import load_config_file
     from cifarlab.models import default_config
 
-    return load_config_file(config_file) if config_file is not None else default_config(model)
+    if config_file is not None:
+        return load_config_file(config_file)
+    return default_config(model, recipe)
 
 
 def _with_options(cfg: Any, data: Path | None, image_size: int | None, skip_bad: bool,
@@ -164,6 +172,8 @@ def _with_options(cfg: Any, data: Path | None, image_size: int | None, skip_bad:
 
 @cli.command()
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="airnet", show_default=True)
+@click.option("--recipe", default=None, help="A named recipe of the model (`cifarlab models` "
+              "lists them) [default: the model's default recipe].")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               default=None, help="A config.json (a run folder's, or one you wrote).")
 @_data_options
@@ -184,7 +194,7 @@ def _with_options(cfg: Any, data: Path | None, image_size: int | None, skip_bad:
               help="Write the report as JSON.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Write the report as one HTML page with plots.")
-def doctor(model: str, config_file: Path | None, data: Path | None, image_size: int | None,
+def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path | None, image_size: int | None,
            skip_bad: bool, epochs: float, no_behaviour: bool, json_path: Path | None,
            html_path: Path | None, **overrides: Any) -> None:
     """Diagnose why a network is not learning: preflight checks on the data and the model,
@@ -194,7 +204,8 @@ def doctor(model: str, config_file: Path | None, data: Path | None, image_size: 
     from cifarlab.doctor.html import render_html
     from cifarlab.files import atomic_write_text
 
-    cfg = _with_options(_base_config(model, config_file), data, image_size, skip_bad, overrides)
+    cfg = _with_options(_base_config(model, config_file, recipe), data, image_size, skip_bad,
+                        overrides)
     report = diagnose_config(cfg, load_data(cfg.data), epochs=epochs,
                              behaviour=not no_behaviour)
     click.echo(report.to_text())
@@ -534,7 +545,8 @@ def models_cmd() -> None:
     from cifarlab.models import get_spec, list_models
 
     for name in list_models():
-        click.echo(f"{name:<10} {get_spec(name).description}")
+        spec = get_spec(name)
+        click.echo(f"{name:<10} {spec.description}  [recipes: {', '.join(spec.recipes)}]")
 
 
 def main(argv: list[str] | None = None) -> None:

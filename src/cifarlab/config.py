@@ -59,6 +59,11 @@ class OptimConfig:
     lr_end: float = 0.07  # schedule factor at the last step
     ema: bool = True  # lookahead-style weight averaging in the last part of training
     ema_start_frac: float = 0.3
+    # sgd: Nesterov SGD for every parameter; muon: Muon (orthogonalized momentum) for the
+    # convolution filter banks and SGD as above for the head and the biases
+    optimizer: str = "sgd"
+    muon_lr: float = 0.24  # per step: an orthogonalized update has a fixed size
+    muon_momentum: float = 0.6  # Nesterov
 
 
 @dataclass
@@ -130,6 +135,9 @@ class TrainConfig:
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (0 <= self.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
             (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (self.optim.optimizer in ("sgd", "muon"), "optim.optimizer must be sgd or muon"),
+            (self.optim.muon_lr > 0, "optim.muon_lr must be > 0"),
+            (0 <= self.optim.muon_momentum < 1, "optim.muon_momentum must be in [0, 1)"),
             (0 <= self.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
             (0 <= self.optim.warmup_frac < 1, "optim.warmup_frac must be in [0, 1)"),
             (self.width > 0, "width must be > 0"),

@@ -30,6 +30,8 @@ def build_optimizer(
     kilostep = 1024 * (1 + 1 / (1 - o.momentum))
     lr = o.lr / kilostep
     wd = o.weight_decay * o.batch_size / kilostep
+    if o.optimizer == "muon":
+        return _build_muon(model, cfg, lr, wd, total_steps)
     norm_biases = [
         m.bias for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
@@ -41,6 +43,32 @@ def build_optimizer(
         lr_b = lr * o.bias_scaler
         groups.append(dict(params=norm_biases, lr=lr_b, weight_decay=wd / lr_b))
     opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.momentum > 0)
+    return opt, triangle_schedule(opt, cfg, total_steps)
+
+
+def _build_muon(model: nn.Module, cfg: TrainConfig, lr: float, wd: float,
+                total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Muon for the trainable convolution filter banks (normalized, no weight decay, 3
+    Newton–Schulz steps, as airbench94_muon); Nesterov SGD in the decoupled form for the rest:
+    matrices (the head) at ``lr``, vectors (every bias, the whitening bias included) at
+    ``lr·bias_scaler``. A parameter frozen later in training (the whitening bias) gets no
+    gradient and is skipped."""
+    o = cfg.optim
+    filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
+    ids = {id(p) for p in filters}
+    rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    matrices = [p for p in rest if p.ndim >= 2]
+    vectors = [p for p in rest if p.ndim < 2]
+    nesterov = o.momentum > 0
+    groups: list[dict[str, Any]] = [dict(params=filters, lr=o.muon_lr, momentum=o.muon_momentum,
+                                         weight_decay=0.0, ns_steps=3, normalize=True,
+                                         muon=True, nesterov=True)]
+    lr_b = lr * o.bias_scaler
+    for params, group_lr in ((matrices, lr), (vectors, lr_b)):
+        if params:
+            groups.append(dict(params=params, lr=group_lr, momentum=o.momentum,
+                               weight_decay=wd / group_lr, muon=False, nesterov=nesterov))
+    opt = Muon(groups)
     return opt, triangle_schedule(opt, cfg, total_steps)
 
 
@@ -112,16 +140,21 @@ class Muon(torch.optim.Optimizer):
     (every singular value ≈ 1: the step moves all directions of the filter bank equally instead of
     along the few that dominate the gradient), scales it by √max(1, rows/cols), and subtracts
     ``lr`` times that. Decoupled weight decay shrinks the weights by ``lr·weight_decay``.
+    ``normalize`` rescales each filter bank to Frobenius norm √rows before its step (airbench94's
+    Muon recipe): for filters that feed a normalization layer only the direction matters, and a
+    fixed norm keeps the effective step size fixed.
     """
 
     def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
-                 ns_coefficients: tuple[float, float, float] = QUINTIC, muon: bool = True):
+                 ns_coefficients: tuple[float, float, float] = QUINTIC, muon: bool = True,
+                 normalize: bool = False):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
             raise ValueError("Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0, "
                              "ns_steps >= 1")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, ns_coefficients=ns_coefficients, muon=muon)
+                        ns_steps=ns_steps, ns_coefficients=ns_coefficients, muon=muon,
+                        normalize=normalize)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -171,6 +204,8 @@ class Muon(torch.optim.Optimizer):
         matrix = update.reshape(len(update), -1).float()
         ortho = orthogonalize(matrix, group["ns_steps"], group["ns_coefficients"])
         ortho *= max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
+        if group["normalize"]:
+            p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
         if wd:
             p.mul_(1 - lr * wd)
         p.add_(ortho.view_as(p).to(p.dtype), alpha=-lr)
