@@ -6,8 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-# Real CIFAR-10 on these machines; elsewhere cifarlab downloads the official release.
-SHARED_DATA := $(wildcard ../shared/datasets/cifar10-jpeg.tar.gz)
+# Real CIFAR-10 on these machines (the original pixels, else the JPEG copy); elsewhere cifarlab
+# downloads the official release.
+SHARED_DATA := $(firstword $(wildcard ../shared/datasets/cifar-10-lossless-python.tar.gz) \
+                           $(wildcard ../shared/datasets/cifar10-jpeg.tar.gz))
 CIFARLAB_DATA ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 export CIFARLAB_DATA
 

@@ -69,7 +69,8 @@ def main() -> None:
         "",
         f"Machine: {machine()}.",
         f"Command: `python bench/demo.py --trials {args.trials} --epochs {args.epochs}`: the "
-        "commands of `make demo` with an empty data cache, so decoding the JPEGs counts. "
+        "commands of `make demo` with an empty data cache, so decoding the dataset counts "
+        f"(`{Path(args.data).name}`). "
         "Target: under 20 minutes after installation.",
         "",
         "| step | seconds |",
