@@ -1,9 +1,10 @@
 """The one inference path: preprocessing, the forward pass, test-time augmentation and top-k.
 
 :class:`Predictor` is built from a run folder and answers for ``evaluate``, ``predict``,
-``serve`` and the doctor alike, so one run folder behaves the same whoever opens it: the same
+``serve`` alike, so one run folder behaves the same whoever opens it: the same
 normalization, the same TTA (the run's own, unless asked otherwise), the same precision and the
-same JSON for a prediction. The trainer uses :func:`predict_logits` for its own evaluations.
+same JSON for a prediction. The trainer uses :func:`predict_logits` for its own evaluations, and
+the doctor feeds models through the same :class:`Normalizer`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_TOP_K",
     "Normalizer",
     "Predictor",
+    "loss_and_accuracy",
     "predict_logits",
     "to_device_images",
 ]

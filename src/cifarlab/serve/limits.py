@@ -6,7 +6,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifarlab.serve.errors import TooLarge, error_body, too_large_message
 
-__all__ = ["BodyLimit"]
+__all__ = ["BodyLimit", "declared_too_large", "limit_receive"]
+
+
+def declared_too_large(headers: dict[bytes, bytes], max_bytes: int) -> bool:
+    """Whether the Content-Length header (if any) already says the body is over the limit."""
+    declared = headers.get(b"content-length")
+    return declared is not None and declared.isdigit() and int(declared) > max_bytes
+
+
+def limit_receive(receive: Receive, max_bytes: int) -> Receive:
+    """``receive`` that raises :class:`TooLarge` once the body chunks pass ``max_bytes``, for
+    bodies sent without (or with a false) Content-Length."""
+    received = 0
+
+    async def limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise TooLarge
+        return message
+
+    return limited
 
 
 class BodyLimit:
@@ -21,21 +44,10 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared_too_large(dict(scope["headers"]), self.max_bytes):
             await self._refuse(send)
             return
-        received = 0
         started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise TooLarge
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -43,7 +55,7 @@ class BodyLimit:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limit_receive(receive, self.max_bytes), tracking_send)
         except TooLarge:
             if not started:
                 await self._refuse(send)

@@ -17,6 +17,7 @@ from cifarlab.imaging import CorruptImage, ImageTooLarge, UnsupportedImage
 from cifarlab.infer import DEFAULT_TOP_K, Predictor
 from cifarlab.serve.batching import QueueFull
 from cifarlab.serve.errors import ApiError, TooLarge, error_body, too_large_message
+from cifarlab.serve.limits import declared_too_large, limit_receive
 from cifarlab.serve.state import ServerState
 from cifarlab.serve.uploads import decode_upload, parse_uploads
 
@@ -139,18 +140,14 @@ class PredictEndpoint:
         m.latency.labels("/v1/predict").observe(time.perf_counter() - t0)
 
     async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared_too_large(headers, self.max_bytes):
             raise TooLarge
-        chunks, size = [], 0
+        receive = limit_receive(receive, self.max_bytes)
+        chunks = []
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise ApiError(400, "The client closed the connection mid-upload.")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                raise TooLarge
-            chunks.append(chunk)
+            chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return b"".join(chunks)
