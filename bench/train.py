@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from cifarlab.callbacks import Callback, TrainState
 from cifarlab.data import load_data
 from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
 from cifarlab.models import create_model, default_config, get_spec, list_models
+from cifarlab.runs import RunWriter
 from cifarlab.trainer import train, training_step
 
 
@@ -96,40 +98,67 @@ class _TestCurve(Callback):
               f"{metrics['images_per_second']} img/s", flush=True)
 
 
-def time_to_accuracy(args: argparse.Namespace) -> None:
-    cfg = default_config(args.model)
-    cfg.optim.epochs = args.epochs
-    cfg.data.source = args.data
-    cfg.data.val_size = 0  # the full 50,000 training images
-    cfg.seed = args.seed
-    cfg.device = args.device
+def data_label(source: str | None) -> str:
+    """``lossless`` or ``jpeg`` for the two shared copies of CIFAR-10, else the file's name."""
+    name = Path(source or "").name.lower()
+    return "lossless" if "lossless" in name else "jpeg" if "jpeg" in name else name or "default"
+
+
+DATA_TEXT = {"lossless": "the original pixels (`cifar-10-lossless-python.tar.gz`)",
+             "jpeg": "the JPEG copy (`cifar10-jpeg.tar.gz`, an image-folder tree)"}
+
+
+def run_curve(model: str, epochs: float, seed: int, source: str | None, device: str,
+              save: Path | None = None):
+    """Train on all 50,000 training images with a per-epoch test curve; optionally keep the
+    run folder (for `bench/robustness.py`). Returns the train result and the curve rows."""
+    cfg = default_config(model).with_values(
+        {"optim.epochs": epochs, "data.source": source, "val_size": 0, "seed": seed,
+         "device": device})
     data = load_data(cfg.data)
     curve = _TestCurve(data, cfg.device)
-    result = train(cfg, [curve], data=data, progress=False)
+    callbacks: list[Callback] = [curve]
+    if save is not None:
+        callbacks.append(RunWriter(save))
+    result = train(cfg, callbacks, data=data, progress=False)
     print(json.dumps({"test_acc_tta": result.test_acc, "train_seconds": result.train_seconds,
                       "precision": result.precision}))
+    return result, curve.rows
+
+
+def write_curve(model: str, epochs: float, seed: int, source: str | None, device: str,
+                result, rows) -> None:
+    label = data_label(source)
     on = "" if result.device == "cpu" else f" on {result.device}"
     lines = [
-        f"## Time to accuracy: {args.model}, {args.epochs} epochs, seed {args.seed}{on}",
+        f"## Time to accuracy: {model}, {epochs} epochs, seed {seed}{on}, "
+        f"{'original pixels' if label == 'lossless' else label}",
         "",
         f"Machine: {machine()}.",
-        f"Command: `python bench/train.py tta --model {args.model} --epochs {args.epochs} "
-        f"--seed {args.seed} --device {args.device}` on the real CIFAR-10 (JPEG copy in `../shared/datasets`), "
-        f"trained on all 50,000 training images, precision {result.precision}. Training seconds "
-        "exclude the per-epoch test evaluation, which is done only for this curve.",
+        f"Command: `python bench/train.py tta --model {model} --epochs {epochs} "
+        f"--seed {seed} --device {device} --data {Path(source or '').name}` on "
+        f"{DATA_TEXT.get(label, source)}, trained on all 50,000 training images, precision "
+        f"{result.precision}. Training seconds exclude the per-epoch test evaluation, which is "
+        "done only for this curve.",
         "",
         "| epoch | training s | train loss | test acc (no TTA) |",
         "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {e} | {s:.1f} | {tl:.4f} | {a * 100:.2f}% |" for e, s, tl, a in curve.rows]
+    lines += [f"| {e} | {s:.1f} | {tl:.4f} | {a * 100:.2f}% |" for e, s, tl, a in rows]
     lines += [
         "",
         f"Final test accuracy with flip+translate TTA: **{result.test_acc * 100:.2f}%** after "
         f"**{result.train_seconds:.0f} s** of training ({result.train_seconds / 60:.1f} min).",
     ]
     suffix = ("" if result.device == "cpu" else f"-{result.device.split(':')[0]}") + (
-        f"-s{args.seed}" if args.seed else "")
-    write_section(f"tta-{args.model}-{args.epochs}e{suffix}", "\n".join(lines))
+        f"-s{seed}" if seed else "") + ("" if label == "lossless" else f"-{label}")
+    write_section(f"tta-{model}-{epochs}e{suffix}", "\n".join(lines))
+
+
+def time_to_accuracy(args: argparse.Namespace) -> None:
+    source = args.data or os.environ.get("CIFARLAB_DATA")
+    result, rows = run_curve(args.model, args.epochs, args.seed, source, args.device, args.save)
+    write_curve(args.model, args.epochs, args.seed, source, args.device, result, rows)
 
 
 def main() -> None:
@@ -147,6 +176,7 @@ def main() -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data", default=None)
     a.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    a.add_argument("--save", type=Path, default=None, help="keep the run folder here")
     args = p.parse_args()
     throughput(args) if args.cmd == "throughput" else time_to_accuracy(args)
 

@@ -15,7 +15,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from cifarlab.models import default_config
 from cifarlab.tune import open_study
+from cifarlab.tune.target import answer, candidates, open_target, target_config
 from helpers import CIFARLAB, call
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -80,22 +82,69 @@ def test_study_finds_a_better_configuration_and_reports(capsys, learnable, tmp_p
     page = (study_dir / "report" / "index.html").read_text()
     assert "posterior mean" in page and "Optimization history" in page
 
+    # the baseline (the recipe) ran first and the top 2 after the search, at the target
+    # budget: the recipe's 10 epochs on the whole training split
+    target = open_target(study)
+    roles = [(t.user_attrs["role"], t.user_attrs["source_trial"], t.user_attrs["epochs"])
+             for t in target.trials]
+    assert roles[0] == ("baseline", None, 10)
+    assert sorted(r[1] for r in roles[1:]) == sorted(t.number for t in candidates(study, 2))
+    assert all(r[2] == 10 for r in roles) and target.trials[0].datetime_complete < min(
+        t.datetime_start for t in study.trials)
+    ans = answer(study)
+    assert ans.best.value <= ans.baseline.value
+    assert "at the target budget (10 epochs" in page and "&lt;- answer" in page
+
     code, out, err = call(capsys, "train", "--from-study", str(study_dir), "--data",
                           str(learnable), "--runs-dir", str(tmp_path / "runs"), "-q")
     assert code == 0, err
-    assert "on train + validation" in out and "test: loss" in out
+    assert "on train + validation, 10 epochs" in out and "test: loss" in out
     cfg = json.loads((tmp_path / "runs" / "s-best" / "config.json").read_text())
-    assert cfg["data"]["val_size"] == 0
-    assert cfg["optim"]["lr"] == pytest.approx(study.best_params["lr"])
+    assert cfg["data"]["val_size"] == 0 and cfg["optim"]["epochs"] == 10
+    expected = target_config(study, "baseline" if ans.is_baseline else "candidate",
+                             ans.source_trial)
+    assert cfg["optim"]["lr"] == pytest.approx(expected.optim.lr)
 
     code, out, _ = call(capsys, "tune", "show", str(study_dir), "--json")
-    assert code == 0 and json.loads(out)["n_complete"] == 10
+    shown = json.loads(out)
+    assert code == 0 and shown["n_complete"] == 10
+    assert shown["answer"] in ("baseline", f"trial {ans.source_trial}")
+    assert shown["baseline_value"] == pytest.approx(ans.baseline.value)
 
     # the same study with another fidelity is refused before any training
     code, _, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "12", "--epochs",
                                            "5", space=space_file))
     assert code == 5 and "different search space" in err
     assert len(open_study(study_dir).trials) == 10
+
+
+def test_when_nothing_beats_the_baseline_the_baseline_is_the_answer(capsys, learnable,
+                                                                     tmp_path):
+    space = tmp_path / "hopeless.yaml"  # a learning rate too small to learn anything
+    space.write_text("""
+fidelity: {model: tutorial, epochs: 1, train_fraction: 1.0}
+params:
+  lr: {type: float, low: 1.0e-6, high: 2.0e-6, log: true}
+fixed: {batch_size: 32}
+""")
+    study_dir = tmp_path / "hopeless"
+    code, out, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "4",
+                                             "--target-epochs", "4", "--sampler", "random",
+                                             space=space))
+    assert code == 0, err
+    assert "answer: the baseline. No configuration found by the search beat it" in out
+    code, out, err = call(capsys, "train", "--from-study", str(study_dir), "--data",
+                          str(learnable), "--runs-dir", str(tmp_path / "runs"), "-q")
+    assert code == 0, err
+    assert "retraining the baseline: no configuration of the search beat" in out
+    cfg = json.loads((tmp_path / "runs" / "hopeless-best" / "config.json").read_text())
+    recipe = default_config("tutorial")
+    assert cfg["optim"]["lr"] == recipe.optim.lr and cfg["optim"]["batch_size"] == (
+        recipe.optim.batch_size) and cfg["optim"]["epochs"] == 4
+    # a different target for the same study is refused before any training
+    code, _, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "4",
+                                           "--target-epochs", "5", space=space))
+    assert code == 5 and "answers for 4 epochs" in err
 
 
 def test_nan_trial_is_failed_with_its_reason_and_the_study_goes_on(capsys, learnable,

@@ -63,8 +63,11 @@ def cli(verbose: bool) -> None:
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               help="A config.json (e.g. from a run folder); options given here override it.")
 @click.option("--from-study", type=click.Path(path_type=Path), default=None,
-              help="Retrain a study's best configuration on train + validation and evaluate "
-                   "it on test (the study's fidelity epochs unless --epochs is given).")
+              help="Retrain a study's answer (its best configuration at the target budget, "
+                   "never one that lost to the baseline there) on train + validation and "
+                   "evaluate it on test, for the target epochs unless --epochs is given.")
+@click.option("--baseline", "study_baseline", is_flag=True,
+              help="With --from-study: train the study's baseline instead of its answer.")
 @_data_options
 @click.option("--val-size", type=int, default=None, help="Validation images taken from train "
               "(default 10% of it, at most 5000; 0 trains on every training image).")
@@ -96,7 +99,7 @@ def cli(verbose: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch table or progress bar.")
 @click.option("--no-doctor", is_flag=True, help="Do not run the doctor's training monitors.")
 def train(model: str, recipe: str | None, config_file: Path | None, from_study: Path | None,
-          data: Path | None,
+          study_baseline: bool, data: Path | None,
           image_size: int | None, skip_bad: bool, runs_dir: Path, name: str | None,
           no_test: bool, quiet: bool, no_doctor: bool, **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
@@ -111,13 +114,17 @@ def train(model: str, recipe: str | None, config_file: Path | None, from_study: 
     if recipe is not None and (config_file is not None or from_study is not None):
         raise CifarlabError("--recipe starts from a model's recipe; --config and --from-study "
                             "bring their own. Give one of them.")
+    if study_baseline and from_study is None:
+        raise CifarlabError("--baseline goes with --from-study STUDY.")
     if from_study is not None:
         from cifarlab.tune import retrain_config
 
-        cfg, best = retrain_config(from_study)
-        click.echo(f"retraining trial {best.number} of {from_study} (val_loss {best.value:.4f}) "
-                   "on train + validation")
-        name = name or f"{from_study.resolve().name}-best"
+        chosen = retrain_config(from_study, baseline=study_baseline)
+        cfg = chosen.config
+        click.echo(f"retraining {chosen.reason}; on train + validation, "
+                   f"{cfg.optim.epochs:g} epochs")
+        name = name or f"{from_study.resolve().name}-" + (
+            "baseline" if study_baseline else "best")
     else:
         cfg = _base_config(model, config_file, recipe)
     cfg = _with_options(cfg, data, image_size, skip_bad, overrides)
@@ -234,7 +241,17 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 @click.option("--train-fraction", type=float, default=None,
               help="Fidelity: fraction of the training split per trial [default: 0.25].")
 @click.option("--trials", "n_trials", type=click.IntRange(1), default=20, show_default=True,
-              help="Finished trials the study aims for, over all workers.")
+              help="Finished search trials the study aims for, over all workers (the baseline "
+                   "and the --top-k re-evaluations come on top).")
+@click.option("--target-epochs", type=float, default=None,
+              help="The budget the answer is for: epochs on all training images. The baseline "
+                   "and the search's best are trained there and the answer is chosen there "
+                   "[default: the recipe's epochs].")
+@click.option("--top-k", type=click.IntRange(1), default=2, show_default=True,
+              help="Best search configurations re-evaluated at the target budget.")
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A config.json the study starts from: its baseline, and the "
+                                 "base of every trial [default: the model's recipe].")
 @click.option("--sampler", type=click.Choice(["gp", "tpe", "random"]), default="gp",
               show_default=True)
 @click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]),
@@ -261,7 +278,7 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 @click.pass_context
 def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_file: Path | None,
          model: str | None, epochs: float | None, train_fraction: float | None, n_trials: int,
-         sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
+         target_epochs: float | None, top_k: int, config_file: Path | None, sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
          devices: str | None, timeout: float | None, seed: int, heartbeat: int,
          data: Path | None,
          image_size: int | None, skip_bad: bool, val_size: int | None, quiet: bool) -> None:
@@ -276,6 +293,12 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
     from cifarlab.tune import TuneSettings, default_space, load_space, run_study, summarize
 
     study_dir = study_dir or Path("studies") / (name or "study")
+    base = None
+    if config_file is not None:
+        from cifarlab.config import load_config_file
+
+        base = load_config_file(config_file).validate()
+        model = model or base.model
     if space_file is not None:
         space = load_space(space_file, model=model, epochs=epochs, train_fraction=train_fraction)
     elif model is None and epochs is None and train_fraction is None:
@@ -290,7 +313,8 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
         sampler=sampler, pruner=pruner, n_startup=startup, seed=seed, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
         timeout=timeout, data=cfg, quiet=quiet, heartbeat_interval=heartbeat,
-        grace_period=3 * heartbeat)
+        grace_period=3 * heartbeat, target_epochs=target_epochs, top_k=top_k,
+        base=None if base is None else base.to_dict())
     study, interrupted = run_study(settings, space, announce=None if quiet else click.echo)
     for line in summarize(study).lines():
         click.echo(line)
@@ -421,6 +445,35 @@ def evaluate(run: Path, data: Path | None, image_size: int | None, skip_bad: boo
     else:
         click.echo(f"{run}: {split} loss {out['loss']:.4f}  accuracy "
                    f"{out['accuracy'] * 100:.2f}% on {out['images']} images (tta={out['tta']})")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def compare(runs: tuple[Path, ...], as_json: bool) -> None:
+    """Runs side by side: test accuracy, training time, and the settings that differ."""
+    from cifarlab.runs import config_differences, read_run
+
+    infos = [read_run(r) for r in runs]
+    keys = config_differences(infos)
+    rows: list[dict[str, Any]] = [
+        {"run": str(i.path), "test_acc": i.summary.get("test_acc"), "tta": i.tta,
+         "val_acc": i.summary.get("val_acc"), "train_seconds": i.summary.get("train_seconds"),
+         "differs": {k: i.config.get(k) for k in keys}} for i in infos]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["run"]) for r in rows)
+    click.echo(f"{'run':<{width}}  {'test acc':>9}  {'tta':>3}  {'train s':>8}  differs")
+    for r in rows:
+        acc = "-" if r["test_acc"] is None else f"{r['test_acc'] * 100:.2f}%"
+        secs = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        diff = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["differs"].items())
+        click.echo(f"{r['run']:<{width}}  {acc:>9}  {r['tta']:>3}  {secs:>8}  {diff}")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 @cli.command()

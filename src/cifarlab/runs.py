@@ -234,3 +234,21 @@ def load_run(path: Path | str) -> LoadedRun:
     model.eval()
     return LoadedRun(info.path, info.config, info.summary, model)
 
+
+def config_differences(runs: list[RunInfo]) -> list[str]:
+    """The dotted config keys whose values differ among ``runs`` (where they differ: what
+    `cifarlab compare` shows next to the accuracies)."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    flats = [flat(r.config.to_dict()) for r in runs]
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
+

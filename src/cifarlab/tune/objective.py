@@ -22,8 +22,10 @@ from cifarlab.trainer import train
 from cifarlab.tune.interrupt import StopFlag
 from cifarlab.tune.samplers import IMPUTE_ATTR
 from cifarlab.tune.space import SearchSpace
+from cifarlab.tune.storage import study_space
+from cifarlab.tune.target import study_base, target_config
 
-__all__ = ["Objective", "TrialFailed", "TrialInterrupted"]
+__all__ = ["Objective", "TargetObjective", "TrialFailed", "TrialInterrupted"]
 
 
 class TrialFailed(Exception):
@@ -46,10 +48,13 @@ class Objective:
         self.space, self.base, self.data, self.stop = space, base, data, stop
         self.train_seed, self.check_every = train_seed, check_every
 
+    def config(self, trial: optuna.Trial) -> TrainConfig:
+        """The trial's training config (a :class:`ConfigError` fails the trial)."""
+        return self.base.with_values(self.space.suggest(trial))
+
     def __call__(self, trial: optuna.Trial) -> float:
-        values = self.space.suggest(trial)
         try:
-            config = self.base.with_values(values)
+            config = self.config(trial)
             config.seed = self.train_seed  # same seed for every trial: compare like with like
             config.validate()
         except ConfigError as exc:
@@ -99,6 +104,23 @@ class Objective:
         if kind == "interrupted":
             raise TrialInterrupted(reason)
         raise TrialFailed(reason)
+
+
+class TargetObjective(Objective):
+    """A trial of the target study: the baseline or a search winner at the target budget (see
+    :mod:`cifarlab.tune.target`); ``data`` is the whole training split."""
+
+    def __init__(self, study: optuna.Study, data: Any, stop: StopFlag, train_seed: int = 0,
+                 device: str = "auto"):
+        super().__init__(study_space(study), study_base(study), data, stop, train_seed)
+        self.study, self.device = study, device
+
+    def config(self, trial: optuna.Trial) -> TrainConfig:
+        role = trial.user_attrs.get("role")
+        if role is None:  # another worker took the queued trial first: nothing to do
+            raise optuna.TrialPruned("no target work left")
+        cfg = target_config(self.study, role, trial.user_attrs.get("source_trial"))
+        return cfg.with_values({"device": self.device})
 
 
 def _record_doctor(trial: optuna.Trial, report: Report, failed: bool) -> str | None:

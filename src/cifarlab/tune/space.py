@@ -83,9 +83,10 @@ class SearchSpace:
     fidelity: Fidelity = field(default_factory=Fidelity)
     fixed: dict[str, Any] = field(default_factory=dict)
 
-    def base_config(self) -> TrainConfig:
-        """The config every trial starts from: the model's recipe, the fidelity, ``fixed``."""
-        cfg = default_config(self.fidelity.model)
+    def base_config(self, start: TrainConfig | None = None) -> TrainConfig:
+        """The config every trial starts from: ``start`` (the study's baseline: the model's
+        recipe unless the user gave a config), then the fidelity, then ``fixed``."""
+        cfg = start if start is not None else default_config(self.fidelity.model)
         cfg = cfg.with_values({"optim.epochs": self.fidelity.epochs,
                                "data.train_fraction": self.fidelity.train_fraction,
                                "tta": 0, **self.fixed})
@@ -110,13 +111,13 @@ class SearchSpace:
             values[p.path] = v
         return values
 
-    def config_for(self, params: dict[str, Any]) -> TrainConfig:
+    def config_for(self, params: dict[str, Any], start: TrainConfig | None = None) -> TrainConfig:
         """The config of a trial from its study parameters (names, not paths)."""
         by_name = {p.name: p.path for p in self.params}
         unknown = sorted(set(params) - set(by_name))
         if unknown:
             raise ConfigError(f"Parameters {unknown} are not in this study's search space.")
-        return self.base_config().with_values({by_name[k]: v for k, v in params.items()})
+        return self.base_config(start).with_values({by_name[k]: v for k, v in params.items()})
 
     def to_dict(self) -> dict[str, Any]:
         params: dict[str, Any] = {}

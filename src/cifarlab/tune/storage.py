@@ -49,6 +49,10 @@ class TuneSettings:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 30  # a RUNNING trial silent this long belongs to a dead worker
     quiet: bool = False
+    target_epochs: float | None = None  # the budget the answer is for; default: the recipe's
+    top_k: int = 2  # search winners re-evaluated at the target budget
+    base: dict[str, Any] | None = None  # the config the study starts from (--config); default
+    #                                     the model's recipe
 
     @property
     def name(self) -> str:

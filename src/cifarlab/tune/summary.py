@@ -14,16 +14,17 @@ from optuna.trial import FrozenTrial, TrialState
 from cifarlab.config import TrainConfig
 from cifarlab.errors import StudyError
 from cifarlab.tune.storage import open_study, study_space
+from cifarlab.tune.target import Target, answer, target_config
 
-__all__ = ["LiveTable", "Summary", "best_config", "retrain_config", "summarize"]
+__all__ = ["LiveTable", "Retrain", "Summary", "best_config", "retrain_config", "summarize"]
 
 
 class LiveTable:
     """One fixed-width row per finished trial, printed by the worker that ran it."""
 
     def __init__(self, prefix: str = "", quiet: bool = False,
-                 write: Callable[[str], None] | None = None):
-        self.prefix, self.quiet = prefix, quiet
+                 write: Callable[[str], None] | None = None, target: Target | None = None):
+        self.prefix, self.quiet, self.target = prefix, quiet, target
         self.write = write or (lambda s: print(s, flush=True))
 
     def header(self) -> None:
@@ -44,7 +45,16 @@ class LiveTable:
             best = "-"
         seconds = (trial.duration.total_seconds() if trial.duration else 0.0)
         params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        line = (f"{self.prefix}{trial.number:>5} {trial.state.name.lower():<9} {value:>9} "
+        number = str(trial.number)
+        if self.target is not None:  # a trial of the target study
+            role = trial.user_attrs.get("role")
+            if role is None:
+                return  # taken by another worker first: it did nothing
+            number = "B" if role == "baseline" else f"T{trial.number}"
+            params = (f"[{'baseline' if role == 'baseline' else 'trial ' + str(trial.user_attrs.get('source_trial'))}"
+                      f" at the target budget: {self.target.epochs:g} epochs, all training images]")
+            best = ""
+        line = (f"{self.prefix}{number:>5} {trial.state.name.lower():<9} {value:>9} "
                 f"{'' if acc is None else f'{acc:.4f}':>8} "
                 f"{trial.user_attrs.get('epochs', ''):>6} {seconds:>8.1f} {best:>9}  {params}")
         if trial.state == TrialState.FAIL:
@@ -70,6 +80,14 @@ class Summary:
     best_val_acc: float | None
     best_params: dict[str, Any]
     fail_reasons: dict[str, int]
+    target_epochs: float | None = None
+    baseline_value: float | None = None  # validation loss at the target budget
+    baseline_val_acc: float | None = None
+    answer: str | None = None  # "baseline", "trial N", or None before the target trials ran
+    answer_value: float | None = None
+    answer_val_acc: float | None = None
+    answer_params: dict[str, Any] | None = None
+    target_rows: list[dict[str, Any]] | None = None  # every completed target trial, best first
 
     def lines(self) -> list[str]:
         out = [f"study {self.study_name}: {self.n_complete} complete, {self.n_pruned} pruned, "
@@ -83,6 +101,37 @@ class Summary:
             out += [f"  {k} = {_fmt(v)}" for k, v in self.best_params.items()]
         for reason, n in sorted(self.fail_reasons.items(), key=lambda kv: -kv[1]):
             out.append(f"failed x{n}: {reason}")
+        out += self.target_lines()
+        return out
+
+    def target_lines(self) -> list[str]:
+        """Baseline and search winners side by side at the target budget, and the answer."""
+        if self.target_epochs is None:
+            return []
+        out = [f"at the target budget ({self.target_epochs:g} epochs on all training images), "
+               "validation loss:"]
+        for row in self.target_rows or []:
+            acc = "" if row["val_acc"] is None else f"  val_acc {row['val_acc']:.4f}"
+            mark = "  <- answer" if row["name"] == self.answer else ""
+            out.append(f"  {row['name']:<10} {row['value']:.4f}{acc}{mark}")
+        if self.answer is None:
+            out.append("answer: not yet; the baseline and the search's best have not all "
+                       "been trained at the target budget (run the study again to finish)")
+        elif self.answer == "baseline":
+            if len(self.target_rows or []) > 1:
+                out.append("answer: the baseline. No configuration found by the search beat it "
+                           "at the target budget, so tuning did not pay off here; train the "
+                           "baseline.")
+            else:
+                out.append("answer: the baseline (no search winner evaluated at the target "
+                           "budget yet)")
+        else:
+            assert self.answer_value is not None
+            gain = ("" if self.baseline_value is None else
+                    f", {self.baseline_value - self.answer_value:.4f} below the baseline's "
+                    f"{self.baseline_value:.4f}")
+            out.append(f"answer: {self.answer} (val_loss {self.answer_value:.4f}{gain})")
+            out += [f"  {k} = {_fmt(v)}" for k, v in (self.answer_params or {}).items()]
         return out
 
 
@@ -94,7 +143,7 @@ def summarize(study: optuna.Study) -> Summary:
         r = str(t.user_attrs.get("fail_reason", "worker stopped (no heartbeat) or crashed"))
         reasons[r] = reasons.get(r, 0) + 1
     best = _best_trial(study)
-    return Summary(
+    out = Summary(
         study_name=study.study_name,
         n_complete=len(by_state[TrialState.COMPLETE]), n_pruned=len(by_state[TrialState.PRUNED]),
         n_failed=len(by_state[TrialState.FAIL]), n_running=len(by_state[TrialState.RUNNING]),
@@ -102,6 +151,32 @@ def summarize(study: optuna.Study) -> Summary:
         best_value=None if best is None else best.value,
         best_val_acc=None if best is None else best.user_attrs.get("val_acc"),
         best_params={} if best is None else dict(best.params), fail_reasons=reasons)
+    ans = answer(study)
+    if ans.target is None:
+        return out
+    out.target_epochs = ans.target.epochs
+    out.target_rows = [{"name": _target_label(t), "value": t.value,
+                        "val_acc": t.user_attrs.get("val_acc"),
+                        "source_trial": t.user_attrs.get("source_trial")}
+                       for t in ans.evaluated]
+    if ans.baseline is not None:
+        out.baseline_value = ans.baseline.value
+        out.baseline_val_acc = ans.baseline.user_attrs.get("val_acc")
+    if ans.best is not None and (ans.baseline is not None or not ans.is_baseline):
+        out.answer = _target_label(ans.best)
+        out.answer_value = ans.best.value
+        out.answer_val_acc = ans.best.user_attrs.get("val_acc")
+        out.answer_params = (None if ans.source_trial is None
+                             else dict(study.trials[ans.source_trial].params))
+    if ans.baseline is None:
+        out.answer = None  # nothing is an answer before the baseline has been measured
+    return out
+
+
+def _target_label(t: FrozenTrial) -> str:
+    if t.user_attrs.get("role") == "baseline":
+        return "baseline"
+    return f"trial {t.user_attrs.get('source_trial')}"
 
 
 def _best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -120,14 +195,54 @@ def best_config(study_dir: Path, storage: str | None = None) -> tuple[TrainConfi
     return study_space(study).config_for(best.params), best
 
 
-def retrain_config(study_dir: Path, storage: str | None = None,
-                   epochs: float | None = None) -> tuple[TrainConfig, FrozenTrial]:
-    """The configuration ``cifarlab train --from-study`` trains: the best trial's, on every
-    training image (train + validation, at the full fraction), with the default test-time
-    augmentation, for the study's fidelity epochs unless ``epochs`` is given."""
-    cfg, best = best_config(study_dir, storage)
+@dataclass
+class Retrain:
+    """What ``cifarlab train --from-study`` trains, and why."""
+
+    config: TrainConfig
+    what: str  # "baseline", "trial N"
+    reason: str  # one line for the user
+
+
+def retrain_config(study_dir: Path, storage: str | None = None, epochs: float | None = None,
+                   baseline: bool = False) -> Retrain:
+    """The configuration ``cifarlab train --from-study`` trains: the study's answer at its
+    target budget (a search winner only if it beat the baseline there, else the baseline), or
+    the baseline when ``baseline``; on every training image (train + validation), with the
+    default test-time augmentation, for the target epochs unless ``epochs`` is given.
+
+    A study made before target budgets existed answers with its best search trial at the
+    study's fidelity epochs, as it did then."""
+    study = open_study(study_dir, storage)
+    ans = answer(study)
+    if ans.target is None:
+        cfg, best = best_config(study_dir, storage)
+        out = Retrain(cfg, f"trial {best.number}",
+                      f"the best search trial (val_loss {best.value:.4f}); this study has no "
+                      "target budget")
+    elif baseline:
+        out = Retrain(target_config(study, "baseline", None), "baseline",
+                      "the baseline, as asked (--baseline)")
+    elif ans.baseline is None or ans.best is None:
+        raise StudyError(
+            f"Study {study.study_name!r} has not yet measured its baseline at the target budget "
+            f"({ans.target.epochs:g} epochs), so it cannot say whether any configuration beats "
+            "it. Run the same `cifarlab tune` command again to finish the study, or pass "
+            "--baseline to train the baseline.")
+    elif ans.is_baseline:
+        assert ans.baseline.value is not None
+        out = Retrain(target_config(study, "baseline", None), "baseline",
+                      "the baseline: no configuration of the search beat its validation loss "
+                      f"({ans.baseline.value:.4f}) at the target budget")
+    else:
+        assert ans.best.value is not None and ans.baseline.value is not None
+        out = Retrain(target_config(study, "candidate", ans.source_trial),
+                      f"trial {ans.source_trial}",
+                      f"trial {ans.source_trial}: val_loss {ans.best.value:.4f} at the target "
+                      f"budget against the baseline's {ans.baseline.value:.4f}")
     values: dict[str, object] = {"data.val_size": 0, "data.train_fraction": 1.0,
                                  "tta": TrainConfig().tta}
     if epochs is not None:
         values["optim.epochs"] = float(epochs)
-    return cfg.with_values(values), best
+    out.config = out.config.with_values(values)
+    return out

@@ -22,12 +22,12 @@ import torch
 from optuna.trial import TrialState
 
 from cifarlab import __version__
-from cifarlab.config import DataConfig
+from cifarlab.config import DataConfig, TrainConfig
 from cifarlab.data import load_data
 from cifarlab.errors import CifarlabError, ConfigError, StudyError
 from cifarlab.files import atomic_write_text
 from cifarlab.tune.interrupt import StopFlag
-from cifarlab.tune.objective import Objective
+from cifarlab.tune.objective import Objective, TargetObjective
 from cifarlab.tune.samplers import default_startup, make_pruner, make_sampler
 from cifarlab.tune.space import SearchSpace, default_space
 from cifarlab.tune.storage import (
@@ -41,6 +41,18 @@ from cifarlab.tune.storage import (
     study_space,
 )
 from cifarlab.tune.summary import LiveTable
+from cifarlab.tune.target import (
+    BASE_ATTR,
+    TARGET_ATTR,
+    Target,
+    enqueue_baseline,
+    enqueue_candidates,
+    open_target,
+    study_base,
+    study_target,
+    target_name,
+    target_pending,
+)
 
 __all__ = ["budget_used", "run_study"]
 
@@ -78,7 +90,15 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
                                 direction="minimize", load_if_exists=True)
     stored = study.user_attrs.get(SPACE_ATTR)
     if stored is None:
-        study.set_user_attr(SPACE_ATTR, (space or default_space()).to_dict())
+        space = space or default_space()
+        if settings.base is not None:
+            base = TrainConfig.from_dict(settings.base)
+            if base.model != space.fidelity.model:
+                raise ConfigError(f"--config trains {base.model!r} but the search space's "
+                                  f"fidelity.model is {space.fidelity.model!r}; make them the "
+                                  "same (--model sets the space's).")
+            study.set_user_attr(BASE_ATTR, base.to_dict())
+        study.set_user_attr(SPACE_ATTR, space.to_dict())
         study.set_user_attr(SETTINGS_ATTR, {
             "sampler": settings.sampler, "pruner": settings.pruner, "seed": settings.seed,
             "cifarlab": __version__, "optuna": optuna.__version__})
@@ -87,11 +107,33 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
             f"Study {settings.name!r} already exists with a different search space or "
             "fidelity. Resume it without --space/--model/--epochs/--train-fraction, or choose "
             "another --name.")
+    elif settings.base is not None and study.user_attrs.get(BASE_ATTR) != TrainConfig.from_dict(
+            settings.base).to_dict():
+        raise StudyError(f"Study {settings.name!r} already exists with another starting "
+                         "config; resume it without --config, or choose another --name.")
+    _set_target(study, settings)
+    open_target(study)  # created here, once, before any worker looks for it
     ref = {"storage": redact(settings.storage_url), "study_name": settings.name}
     if settings.storage is None:
         ref["storage"] = "sqlite:///study.db"  # relative to the folder: the folder can move
     atomic_write_text(settings.study_dir / STUDY_FILE, json.dumps(ref, indent=2) + "\n")
     return study
+
+
+def _set_target(study: optuna.Study, settings: TuneSettings) -> None:
+    """Store the target budget on a new study (or on one made before targets existed); a
+    different --target-epochs or --top-k for an existing study is an error."""
+    stored = study_target(study)
+    epochs = settings.target_epochs
+    if stored is None:
+        if epochs is None:
+            epochs = study_base(study).optim.epochs
+        study.set_user_attr(TARGET_ATTR, Target(float(epochs), settings.top_k).check().to_dict())
+    elif (epochs is not None and float(epochs) != stored.epochs) or (
+            settings.top_k != stored.top_k and settings.top_k != TuneSettings.top_k):
+        raise StudyError(f"Study {settings.name!r} answers for {stored.epochs:g} epochs with "
+                         f"the top {stored.top_k}; resume it without --target-epochs/--top-k, "
+                         "or choose another --name.")
 
 
 def _spawn_workers(settings: TuneSettings) -> bool:
@@ -152,10 +194,12 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
     storage = connect(settings.storage_url, settings)
     study0 = optuna.load_study(study_name=settings.name, storage=storage)
     space = study_space(study0)
-    base = space.base_config()
+    base = space.base_config(study_base(study0))
     base.data = DataConfig(**{**asdict(settings.data),
                               "train_fraction": space.fidelity.train_fraction})
     base.validate()
+    target = study_target(study0)
+    assert target is not None  # _create_or_join stored it
     if base.data.val_size is not None and base.data.val_size <= 0:
         raise ConfigError("A study minimizes validation loss, so it needs a validation split; "
                           "set --val-size above 0.")
@@ -175,27 +219,47 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
         sampler=make_sampler(settings.sampler, seed, n_startup),
         pruner=make_pruner(settings.pruner, math.ceil(space.fidelity.epochs)),
     )
+    target_study = optuna.load_study(study_name=target_name(settings.name), storage=storage,
+                                     pruner=optuna.pruners.NopPruner())
     stop = StopFlag()
-    table = LiveTable(prefix=f"w{index} " if settings.workers > 1 else "",
-                      quiet=settings.quiet)
+    prefix = f"w{index} " if settings.workers > 1 else ""
+    table = LiveTable(prefix=prefix, quiet=settings.quiet)
+    target_table = LiveTable(prefix=prefix, quiet=settings.quiet, target=target)
     objective = Objective(space, base, data, stop, train_seed=settings.seed)
+    target_objective: TargetObjective | None = None
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     table.header()
+    enqueue_baseline(study, target_study)  # the first trial of the study: what it must beat
     with stop.installed():
         while not stop.requested:
             if deadline is not None and time.monotonic() > deadline:
                 break
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried
+            optuna.storages.fail_stale_trials(target_study)
+            target_waiting, target_running = target_pending(target_study)
+            if target_waiting:
+                if target_objective is None:
+                    full = data if space.fidelity.train_fraction == 1.0 else load_data(
+                        DataConfig(**{**asdict(base.data), "train_fraction": 1.0}))
+                    target_objective = TargetObjective(study, full, stop, settings.seed, device)
+                target_study.optimize(target_objective, n_trials=1, catch=(Exception,),
+                                      callbacks=[target_table], gc_after_trial=False)
+                continue
             used, waiting = budget_used(study)
-            if used >= settings.n_trials and not waiting:
-                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                    break
+            if used < settings.n_trials or waiting:
+                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[table],
+                               gc_after_trial=False)
+                continue
+            if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 # Another worker's trial is still running; if that worker is dead, its trial
                 # goes stale after the grace period and is retried here, so wait and look again.
                 time.sleep(min(settings.heartbeat_interval, 5))
                 continue
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[table],
-                           gc_after_trial=False)
+            if enqueue_candidates(study, target_study, target.top_k):
+                continue  # the search is done: its winners go to the target budget
+            if not target_running:
+                break
+            time.sleep(min(settings.heartbeat_interval, 5))
     return stop.requested
 
 
