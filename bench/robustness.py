@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("bench-out/robust"))
     p.add_argument("--results", type=Path, default=Path("bench-out/robustness.json"))
+    p.add_argument("--note", default="", help="a sentence to add to the section")
     a = p.parse_args()
     results = json.loads(a.results.read_text()) if a.results.exists() else {}
 
@@ -100,6 +101,8 @@ def main() -> None:
         f"{(acc['jpeg', 'jpeg'] - acc['lossless', 'jpeg']) * 100:.2f} points when it was trained "
         "on the original pixels.",
     ]
+    if a.note:
+        lines += ["", a.note]
     write_section("robustness", "\n".join(lines))
 
 
