@@ -11,6 +11,7 @@ Reads real CIFAR-10 from --data or $CIFARLAB_DATA. Writes its tables into docs/B
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,7 +135,7 @@ def real(args: argparse.Namespace) -> None:
     from cifarlab.models import default_config
 
     cfg = default_config("airnet")
-    cfg.data.source = args.data
+    cfg.data.source = args.data or os.environ.get("CIFARLAB_DATA")
     data = load_data(cfg.data)
     t = time.perf_counter()
     report = diagnose_config(cfg, data, epochs=args.epochs)
@@ -151,9 +152,9 @@ def real(args: argparse.Namespace) -> None:
         "## Doctor on real CIFAR-10, default airnet recipe (`bench/doctor.py real`)",
         "",
         f"Machine: {machine()}.",
-        f"`diagnose_config` = `cifarlab doctor --epochs {args.epochs}` on the JPEG copy of "
-        "CIFAR-10 (45,000 train / 5,000 validation / 10,000 test), airnet with its default "
-        "recipe.",
+        f"`diagnose_config` = `cifarlab doctor --epochs {args.epochs}` on "
+        f"`{Path(str(cfg.data.source)).name}` (45,000 train / 5,000 validation / 10,000 test), "
+        "airnet with its default recipe.",
         "",
         f"- Preflight: **{pre:.0f} s** (data {sec.get('data', 0):.1f} s, model "
         f"{sec.get('model', 0):.1f} s, behaviour {sec.get('behaviour', 0):.1f} s; target under "

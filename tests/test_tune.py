@@ -305,3 +305,22 @@ def test_same_seed_same_study(capsys, learnable, tmp_path, space_file):
         assert code == 0, err
         runs.append([(t.params, t.value, t.state) for t in open_study(tmp_path / name).trials])
     assert runs[0] == runs[1]
+
+
+def test_timeout_leaves_time_for_the_target_trials(capsys, learnable, tmp_path, space_file):
+    study_dir = tmp_path / "timed"
+    t0 = time.monotonic()
+    code, out, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "1000",
+                                             "--timeout", "20", "--target-epochs", "6",
+                                             space=space_file))
+    took = time.monotonic() - t0
+    assert code == 0, err
+    study = open_study(study_dir)
+    assert 1 <= len(study.trials) < 1000  # the clock, not the trial budget, ended the search
+    roles = [t.user_attrs.get("role") for t in open_target(study).trials
+             if t.state == TrialState.COMPLETE]
+    assert roles[0] == "baseline" and roles.count("candidate") == 2
+    assert "answer:" in out
+    # the search stopped early enough for the two target trials: about the timeout in all
+    # (trials and data loading on a loaded machine take a few seconds more)
+    assert took < 20 + 30, took

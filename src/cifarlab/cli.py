@@ -265,8 +265,9 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
               help="Worker processes on this machine.")
 @click.option("--devices", default=None,
               help="Comma-separated devices, one worker each, e.g. cuda:0,cuda:1.")
-@click.option("--timeout", type=float, default=None, help="Stop starting trials after this "
-              "many seconds.")
+@click.option("--timeout", type=float, default=None, help="Stop starting search trials after "
+              "this many seconds, less the time the top-k target trials will take (as long as "
+              "the baseline took each), so the answer is checked within it.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--heartbeat", type=click.IntRange(1), default=10, show_default=True,
               help="Seconds between a running trial's heartbeats; a trial silent for 3x this "

@@ -44,13 +44,16 @@ class TuneSettings:
     seed: int = 0
     workers: int = 1
     devices: list[str] = field(default_factory=list)
-    timeout: float | None = None  # seconds, per worker
+    timeout: float | None = None  # seconds per worker; the search stops early enough for the
+    #                              target trials to fit (see workers._out_of_time)
     data: DataConfig = field(default_factory=DataConfig)
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 30  # a RUNNING trial silent this long belongs to a dead worker
     quiet: bool = False
     target_epochs: float | None = None  # the budget the answer is for; default: the recipe's
     top_k: int = 2  # search winners re-evaluated at the target budget
+    target_trials: bool = True  # False: no baseline and no re-evaluation (plain Optuna; for
+    #                             benchmarks that compare against it)
     base: dict[str, Any] | None = None  # the config the study starts from (--config); default
     #                                     the model's recipe
 

@@ -229,11 +229,10 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
     target_objective: TargetObjective | None = None
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     table.header()
-    enqueue_baseline(study, target_study)  # the first trial of the study: what it must beat
+    if settings.target_trials:
+        enqueue_baseline(study, target_study)  # the first trial of the study: what it must beat
     with stop.installed():
         while not stop.requested:
-            if deadline is not None and time.monotonic() > deadline:
-                break
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried
             optuna.storages.fail_stale_trials(target_study)
             target_waiting, target_running = target_pending(target_study)
@@ -246,7 +245,8 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                                       callbacks=[target_table], gc_after_trial=False)
                 continue
             used, waiting = budget_used(study)
-            if used < settings.n_trials or waiting:
+            if (used < settings.n_trials or waiting) and not _out_of_time(
+                    deadline, target_study, target.top_k if settings.target_trials else 0):
                 study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[table],
                                gc_after_trial=False)
                 continue
@@ -255,12 +255,24 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                 # goes stale after the grace period and is retried here, so wait and look again.
                 time.sleep(min(settings.heartbeat_interval, 5))
                 continue
-            if enqueue_candidates(study, target_study, target.top_k):
+            if settings.target_trials and enqueue_candidates(study, target_study, target.top_k):
                 continue  # the search is done: its winners go to the target budget
             if not target_running:
                 break
             time.sleep(min(settings.heartbeat_interval, 5))
     return stop.requested
+
+
+def _out_of_time(deadline: float | None, target_study: optuna.Study, top_k: int) -> bool:
+    """Whether the search must stop starting trials: past the deadline less the time the top-k
+    target trials will take (each as long as the baseline took), so that the answer is checked
+    at the target budget within ``--timeout``. Queued target trials still run after it."""
+    if deadline is None:
+        return False
+    took = [t.duration.total_seconds() for t in target_study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("role") == "baseline" and t.duration is not None]
+    return time.monotonic() > deadline - top_k * (max(took) if took else 0.0)
 
 
 def _check_same_data(study: optuna.Study, sha: str | None) -> None:
