@@ -116,7 +116,8 @@ def setup_peers() -> None:
     """A separate environment for HEBO and scikit-optimize, torch pinned by constraints.txt."""
     subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
     subprocess.run([str(PEERS_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "-c",
-                    str(ROOT / "constraints.txt"), "HEBO", "scikit-optimize"], check=True)
+                    str(ROOT / "constraints.txt"), "-r",
+                    str(ROOT / "bench" / "peers-requirements.txt")], check=True)
 
 
 def suite(a: argparse.Namespace) -> None:
