@@ -61,6 +61,23 @@ def test_train_evaluate_predict_end_to_end(learnable, tmp_path):
     assert r.returncode != 0 and "already holds a finished run" in r.stderr
     assert json.loads((run / "summary.json").read_text()) == summary
 
+    # compare: the runs side by side, with the settings where they differ
+    r = run_cli("train", "--config", str(run / "config.json"), "--epochs", "1", "--lr", "0.5",
+                "--name", "other", "--runs-dir", str(tmp_path / "runs"), "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("compare", str(run), str(tmp_path / "runs" / "other"), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert rows[0]["test_acc"] == pytest.approx(summary["test_acc"])
+    assert rows[0]["differs"] == {"optim.epochs": 4.0, "optim.lr": run_lr(run)}
+    assert rows[1]["differs"] == {"optim.epochs": 1.0, "optim.lr": 0.5}
+    r = run_cli("compare", str(run), str(tmp_path / "runs" / "nope"))
+    assert r.returncode == 4 and "no such run folder" in r.stderr
+
+
+def run_lr(run) -> float:
+    return json.loads((run / "config.json").read_text())["optim"]["lr"]
+
 
 def test_data_info_and_export(tree, tmp_path, capsys):
     code, out, _ = call(capsys, "data", "info", "--data", str(tree), "--json")
