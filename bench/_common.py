@@ -44,3 +44,10 @@ def write_section(name: str, body: str) -> None:
     tmp = DOCS.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, DOCS)
+
+
+def publish(name: str, lines: list[str]) -> None:
+    """Print a section and write it into docs/BENCHMARKS.md."""
+    body = "\n".join(lines)
+    print(body)
+    write_section(name, body)

@@ -25,12 +25,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bo_functions import PROBLEMS, Problem
 
 
-def _worst(ys: list[float]) -> float:
-    return max(ys) if ys else 0.0
+def _loop(problem: Problem, seed: int, ask, tell) -> dict[str, Any]:
+    """Ask, evaluate (noise and failures as the problem says), tell; ``ask`` returns (the point
+    as the peer gives it, the point by parameter name), ``tell`` takes the first and a value.
+    The seconds count both calls (skopt fits its GP in tell, HEBO in suggest)."""
+    rng = np.random.default_rng(seed + 1000)  # the same noise draws as bo_suite's samplers
+    seconds, ys, failed, best, best_x = 0.0, [], 0, np.inf, None
+    for _ in range(problem.budget):
+        t0 = time.perf_counter()
+        raw, x = ask()
+        seconds += time.perf_counter() - t0
+        y = problem.observe(x, rng)
+        if y is None:
+            failed += 1
+        else:
+            ys.append(y)
+            if y < best:
+                best, best_x = y, x
+        t0 = time.perf_counter()
+        tell(raw, y if y is not None else (max(ys) if ys else 0.0))
+        seconds += time.perf_counter() - t0
+    return {"regret": problem.value(best_x) - problem.fmin if best_x else float("nan"),
+            "seconds": seconds / problem.budget, "failed": failed}
 
 
 def run_hebo(problem: Problem, seed: int) -> dict[str, Any]:
-    import pandas as pd
     from hebo.design_space.design_space import DesignSpace
     from hebo.optimizers.hebo import HEBO
 
@@ -48,29 +67,16 @@ def run_hebo(problem: Problem, seed: int) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 1000)
-    seconds, ys, failed, best, best_x = 0.0, [], 0, np.inf, None
-    for _ in range(problem.budget):
-        t0 = time.perf_counter()
+
+    def ask():
         rec = opt.suggest(n_suggestions=1)
-        seconds += time.perf_counter() - t0
         row = rec.iloc[0].to_dict()
-        x = {k: (cats[k][v] if k in cats else (int(v) if isinstance(v, np.integer) else
-                                                 float(v) if not isinstance(v, str) else v))
-             for k, v in row.items()}
-        y = problem.observe(x, rng)
-        if y is None:
-            failed += 1
-            y_seen = _worst(ys)
-        else:
-            y_seen = y
-            ys.append(y)
-            if y < best:
-                best, best_x = y, x
-        opt.observe(rec, np.array([[y_seen]]))
-    _ = pd
-    return {"regret": problem.value(best_x) - problem.fmin if best_x else float("nan"),
-            "seconds": seconds / problem.budget, "failed": failed}
+        return rec, {k: cats[k][v] if k in cats else (v if isinstance(v, str) else
+                                                      int(v) if isinstance(v, np.integer)
+                                                      else float(v))
+                     for k, v in row.items()}
+
+    return _loop(problem, seed, ask, lambda rec, y: opt.observe(rec, np.array([[y]])))
 
 
 def run_skopt(problem: Problem, seed: int) -> dict[str, Any]:
@@ -86,27 +92,12 @@ def run_skopt(problem: Problem, seed: int) -> dict[str, Any]:
         else:
             dims.append(Categorical(list(p[2]), name=p[0]))
     opt = Optimizer(dims, base_estimator="GP", n_initial_points=10, random_state=seed)
-    rng = np.random.default_rng(seed + 1000)
-    seconds, ys, failed, best, best_x = 0.0, [], 0, np.inf, None
-    for _ in range(problem.budget):
-        t0 = time.perf_counter()
+
+    def ask():
         point = opt.ask()
-        seconds += time.perf_counter() - t0
-        x = {p[0]: v for p, v in zip(problem.params, point, strict=True)}
-        y = problem.observe(x, rng)
-        if y is None:
-            failed += 1
-            y_seen = _worst(ys)
-        else:
-            y_seen = y
-            ys.append(y)
-            if y < best:
-                best, best_x = y, x
-        t0 = time.perf_counter()
-        opt.tell(point, float(y_seen))
-        seconds += time.perf_counter() - t0  # skopt fits its GP in tell
-    return {"regret": problem.value(best_x) - problem.fmin if best_x else float("nan"),
-            "seconds": seconds / problem.budget, "failed": failed}
+        return point, {p[0]: v for p, v in zip(problem.params, point, strict=True)}
+
+    return _loop(problem, seed, ask, lambda point, y: opt.tell(point, float(y)))
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section
+from _common import machine, publish, write_section
 from bo_functions import PROBLEMS, Problem
 from cifarlab.files import atomic_write_text
 
@@ -193,9 +193,7 @@ def report(results: dict, problems: list[str], samplers: list[str], seeds: int, 
         + (" Not at most the best peer's on: "
            + ", ".join(p for p in counted if p not in wins) + "." if wins != counted else ""),
     ]
-    body = "\n".join(lines)
-    print(body)
-    write_section("bo-suite", body)
+    publish("bo-suite", lines)
 
 
 def timing(n_trials: int) -> None:

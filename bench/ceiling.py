@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section
+from _common import machine, publish
 from cifarlab.data import Dataset
 from cifarlab.hardware import autocast
 from cifarlab.infer import Normalizer, predict_logits
@@ -237,9 +237,7 @@ def main() -> None:
         "between the trainer and 90% is the memory-bound work between the convolutions, which "
         "only fusing it into them (oneDNN post-ops, a graph compiler) would remove.",
     ]
-    body = "\n".join(lines)
-    print(body)
-    write_section("ceiling", body)
+    publish("ceiling", lines)
 
 
 if __name__ == "__main__":

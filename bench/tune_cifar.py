@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section
+from _common import machine, publish
 
 LOSSLESS = Path(__file__).resolve().parents[2] / "shared/datasets/cifar-10-lossless-python.tar.gz"
 METHODS = ("baseline", "cifarlab", "tpe", "random")
@@ -172,9 +172,7 @@ def report(results: dict, a: argparse.Namespace, space) -> None:
                   + ("met" if gain >= 0.3 else "**missed**") + "; cifarlab ≥ every peer: "
                   + ("met" if all(acc_mean["cifarlab"] >= acc_mean[m] for m in peers)
                      else "**missed**") + f" ({len(peers)} peers measured)."]
-    body = "\n".join(lines)
-    print(body)
-    write_section("tune-cifar", body)
+    publish("tune-cifar", lines)
 
 
 if __name__ == "__main__":
