@@ -95,8 +95,11 @@ def run_optuna(problem: Problem, sname: str, seed: int) -> dict[str, Any]:
     best_observed = problem.value(study.best_trial.params) - problem.fmin
     out = {"regret": best_observed, "regret_best_observed": best_observed,
            "seconds": seconds / problem.budget, "failed": failed}
-    if sname == "cifarlab-gp":
-        out["regret"] = problem.value(recommend(study).params) - problem.fmin
+    if sname == "cifarlab-gp":  # told whether the objective is noisy, as its API allows
+        out["regret_posterior_mean"] = (
+            problem.value(recommend(study, noisy=True).params) - problem.fmin)
+        if problem.noise_sd:
+            out["regret"] = out["regret_posterior_mean"]
     return out
 
 
@@ -140,6 +143,16 @@ def suite(a: argparse.Namespace) -> None:
     report(results, problems, samplers, a.seeds, time.perf_counter() - t0, a.jobs)
 
 
+def _scored(r: dict[str, Any], problem: Problem, sname: str) -> dict[str, Any]:
+    """cifarlab-gp's recommendation as the shipped ``recommend(study, noisy=...)`` makes it:
+    by posterior mean on noisy problems, its best observation otherwise (results from before
+    that choice stored the posterior-mean regret under ``regret``)."""
+    if sname != "cifarlab-gp" or "regret_best_observed" not in r:
+        return r
+    pm = r.get("regret_posterior_mean", r["regret"])
+    return {**r, "regret": pm if problem.noise_sd else r["regret_best_observed"]}
+
+
 def report(results: dict, problems: list[str], samplers: list[str], seeds: int, wall: float,
            jobs: int) -> None:
     lines = [
@@ -148,8 +161,9 @@ def report(results: dict, problems: list[str], samplers: list[str], seeds: int, 
         f"Machine: {machine()}. {seeds} seeds per cell, {jobs} runs at a time (one thread "
         f"each); this invocation ran {wall / 60:.1f} min (runs already in the results file "
         "were kept). Final regret = true value of the recommended point − known minimum, "
-        "lower is better: median [IQR]; `ms` is the mean seconds per suggestion. cifarlab-gp "
-        "recommends its best posterior mean, the others their best observation. Bold: the "
+        "lower is better: median [IQR]; `ms` is the mean seconds per suggestion. Every sampler "
+        "recommends its best observation, except cifarlab-gp on the noisy problems, where it "
+        "is told the objective is noisy and recommends its best posterior mean. Bold: the "
         "lowest median of the row.",
         "",
         "| problem (dims, evals) | " + " | ".join(samplers) + " |",
@@ -162,7 +176,7 @@ def report(results: dict, problems: list[str], samplers: list[str], seeds: int, 
         cells: dict[str, str] = {}
         for sname in samplers:
             rows = [results.get(f"{pname}/{sname}/{seed}") for seed in range(seeds)]
-            rows = [r for r in rows if r is not None]
+            rows = [_scored(r, PROBLEMS[pname], sname) for r in rows if r is not None]
             if not rows:
                 cells[sname] = "–"
                 continue
