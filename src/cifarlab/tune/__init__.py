@@ -6,6 +6,7 @@ The only package that imports optuna. The objective is validation loss from
 * :mod:`.space`: search spaces and fidelity (files, checks, the built-in space);
 * :mod:`.samplers`: the failure-aware GP sampler, peers and pruners;
 * :mod:`.storage`: where a study lives (SQLite, PostgreSQL) and what it stores;
+* :mod:`.target`: the baseline and the search's best at the target budget, and the answer;
 * :mod:`.summary`: the live table, the summary, the best configuration to retrain;
 * :mod:`.interrupt`, :mod:`.objective`: Ctrl-C, and one trial's training;
 * :mod:`.workers`: create or join a study and run its workers;
