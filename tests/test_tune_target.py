@@ -146,3 +146,18 @@ def test_a_search_winner_equal_to_the_recipe_is_not_queued_twice(study, tmp_path
         params={"lr": recipe_lr}, distributions={"lr": FloatDistribution(
             0.01, max(1.0, recipe_lr), log=True)}, value=0.5))
     assert enqueue_candidates(study, open_target(study), 2) == 0
+
+
+def test_a_target_trial_queued_twice_runs_once(study):
+    """Two machines starting one study at the same instant may both queue the baseline."""
+    from cifarlab.tune.target import is_duplicate
+
+    target = open_target(study)
+    for _ in range(2):
+        target.enqueue_trial({}, user_attrs={"role": "baseline", "source_trial": None})
+    first = target.ask()
+    assert not is_duplicate(target, first.number)
+    second = target.ask()  # the other machine, while the first still runs
+    assert is_duplicate(target, second.number)
+    target.tell(first, 0.5)
+    assert is_duplicate(target, second.number)

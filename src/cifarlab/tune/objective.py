@@ -23,7 +23,7 @@ from cifarlab.tune.interrupt import StopFlag
 from cifarlab.tune.samplers import IMPUTE_ATTR
 from cifarlab.tune.space import SearchSpace
 from cifarlab.tune.storage import study_space
-from cifarlab.tune.target import study_base, target_config
+from cifarlab.tune.target import is_duplicate, study_base, target_config
 
 __all__ = ["Objective", "TargetObjective", "TrialFailed", "TrialInterrupted"]
 
@@ -119,6 +119,10 @@ class TargetObjective(Objective):
         role = trial.user_attrs.get("role")
         if role is None:  # another worker took the queued trial first: nothing to do
             raise optuna.TrialPruned("no target work left")
+        if is_duplicate(trial.study, trial.number):
+            # two machines that start one study at the same moment may both queue it
+            trial.set_user_attr("duplicate", True)
+            raise optuna.TrialPruned("the same target trial ran or runs already")
         cfg = target_config(self.study, role, trial.user_attrs.get("source_trial"))
         return cfg.with_values({"device": self.device})
 

@@ -48,8 +48,8 @@ class LiveTable:
         number = str(trial.number)
         if self.target is not None:  # a trial of the target study
             role = trial.user_attrs.get("role")
-            if role is None:
-                return  # taken by another worker first: it did nothing
+            if role is None or trial.user_attrs.get("duplicate"):
+                return  # taken by another worker first, or a duplicate: it did nothing
             number = "B" if role == "baseline" else f"T{trial.number}"
             params = (f"[{'baseline' if role == 'baseline' else 'trial ' + str(trial.user_attrs.get('source_trial'))}"
                       f" at the target budget: {self.target.epochs:g} epochs, all training images]")

@@ -38,6 +38,7 @@ __all__ = [
     "answer",
     "enqueue_baseline",
     "enqueue_candidates",
+    "is_duplicate",
     "open_target",
     "study_base",
     "study_target",
@@ -170,6 +171,18 @@ def enqueue_candidates(study: optuna.Study, target_study: optuna.Study, k: int) 
         target_study.enqueue_trial({}, user_attrs={"role": CANDIDATE, "source_trial": t.number})
         queued += 1
     return queued
+
+
+def is_duplicate(target_study: optuna.Study, number: int) -> bool:
+    """Whether an earlier target trial with the same role and source ran, runs, or failed on
+    its own account: then trial ``number`` would repeat it."""
+    trials = target_study.get_trials(deepcopy=False)
+    me = next(t for t in trials if t.number == number)
+    key = (me.user_attrs.get("role"), me.user_attrs.get("source_trial"))
+    return any(t.number < number and t.state != TrialState.WAITING and _live(t)
+               and not t.user_attrs.get("duplicate")
+               and (t.user_attrs.get("role"), t.user_attrs.get("source_trial")) == key
+               for t in trials)
 
 
 def target_pending(target_study: optuna.Study) -> tuple[bool, bool]:

@@ -112,7 +112,9 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
         raise StudyError(f"Study {settings.name!r} already exists with another starting "
                          "config; resume it without --config, or choose another --name.")
     _set_target(study, settings)
-    open_target(study)  # created here, once, before any worker looks for it
+    target_study = open_target(study)  # created here, once, before any worker looks for it
+    if settings.target_trials:
+        enqueue_baseline(study, target_study)  # the study's first trial: what it must beat
     ref = {"storage": redact(settings.storage_url), "study_name": settings.name}
     if settings.storage is None:
         ref["storage"] = "sqlite:///study.db"  # relative to the folder: the folder can move
@@ -229,13 +231,19 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
     target_objective: TargetObjective | None = None
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     table.header()
-    if settings.target_trials:
-        enqueue_baseline(study, target_study)  # the first trial of the study: what it must beat
+    # SQLite's check-and-set of a queued trial is not atomic across processes (PostgreSQL's is:
+    # SELECT ... FOR UPDATE), so two workers on one SQLite file could both pop the baseline.
+    # There, worker 0 alone runs the target trials, while the others search.
+    runs_targets = settings.target_trials and (
+        index == 0 or not settings.storage_url.startswith("sqlite"))
     with stop.installed():
         while not stop.requested:
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried
-            optuna.storages.fail_stale_trials(target_study)
-            target_waiting, target_running = target_pending(target_study)
+            if runs_targets:
+                optuna.storages.fail_stale_trials(target_study)
+                target_waiting, target_running = target_pending(target_study)
+            else:
+                target_waiting = target_running = False
             if target_waiting:
                 if target_objective is None:
                     full = data if space.fidelity.train_fraction == 1.0 else load_data(
@@ -255,7 +263,7 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                 # goes stale after the grace period and is retried here, so wait and look again.
                 time.sleep(min(settings.heartbeat_interval, 5))
                 continue
-            if settings.target_trials and enqueue_candidates(study, target_study, target.top_k):
+            if runs_targets and enqueue_candidates(study, target_study, target.top_k):
                 continue  # the search is done: its winners go to the target budget
             if not target_running:
                 break
