@@ -159,17 +159,15 @@ def summarize(study: optuna.Study) -> Summary:
                         "val_acc": t.user_attrs.get("val_acc"),
                         "source_trial": t.user_attrs.get("source_trial")}
                        for t in ans.evaluated]
-    if ans.baseline is not None:
-        out.baseline_value = ans.baseline.value
-        out.baseline_val_acc = ans.baseline.user_attrs.get("val_acc")
-    if ans.best is not None and (ans.baseline is not None or not ans.is_baseline):
-        out.answer = _target_label(ans.best)
-        out.answer_value = ans.best.value
-        out.answer_val_acc = ans.best.user_attrs.get("val_acc")
-        out.answer_params = (None if ans.source_trial is None
-                             else dict(study.trials[ans.source_trial].params))
-    if ans.baseline is None:
-        out.answer = None  # nothing is an answer before the baseline has been measured
+    if ans.baseline is None or ans.best is None:
+        return out  # nothing is an answer before the baseline has been measured
+    out.baseline_value = ans.baseline.value
+    out.baseline_val_acc = ans.baseline.user_attrs.get("val_acc")
+    out.answer = _target_label(ans.best)
+    out.answer_value = ans.best.value
+    out.answer_val_acc = ans.best.user_attrs.get("val_acc")
+    if ans.source_trial is not None:
+        out.answer_params = dict(study.get_trials(deepcopy=False)[ans.source_trial].params)
     return out
 
 

@@ -119,7 +119,7 @@ def target_config(study: optuna.Study, role: str, source_trial: int | None) -> T
         return _at_target(base, target)
     if source_trial is None:
         raise StudyError("a candidate target trial without its source trial")
-    params = study.trials[source_trial].params
+    params = study.get_trials(deepcopy=False)[source_trial].params  # numbers are indices
     return _at_target(study_space(study).config_for(params, start=base), target)
 
 
