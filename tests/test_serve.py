@@ -52,7 +52,8 @@ def _wait_ready(client: TestClient) -> None:
 
 @pytest.fixture
 def client(run_dir):
-    settings = ServeSettings(run=str(run_dir), max_upload_bytes=2 * 2**20, max_pixels=1_000_000)
+    settings = ServeSettings(run=str(run_dir), max_upload_bytes=2 * 2**20, max_pixels=1_000_000,
+                             admin_token=TOKEN)
     with TestClient(create_app(settings)) as c:
         _wait_ready(c)
         yield c
@@ -64,10 +65,17 @@ def image_bytes(seed: int = 0, size: tuple[int, int] = (40, 30), fmt: str = "PNG
                      fmt)
 
 
+TOKEN = "s3cret-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
 def error_of(r: httpx.Response) -> str:
+    """The message of an error response, checking the one error shape every route uses."""
+    assert r.headers["content-type"].startswith("application/json"), r.headers
     body = r.json()
-    assert set(body) == {"error"} and body["error"]["status"] == r.status_code
-    return body["error"]["message"]
+    assert set(body) == {"error", "status"} and body["status"] == r.status_code, body
+    assert isinstance(body["error"], str) and body["error"]
+    return body["error"]
 
 
 # ------------------------------------------------------------------------------ the API
@@ -101,8 +109,7 @@ def test_predict_one_then_cached(client):
     again = client.post("/v1/predict", files={"file": ("b.png", data, "image/png")}).json()
     assert again["predictions"][0]["cached"] is True
     assert again["predictions"][0]["top"] == pred["top"]
-    recent = client.get("/v1/model").json()["recent"]
-    assert recent[0]["filename"] == "b.png"
+    assert "recent" not in client.get("/v1/model").json()  # nobody sees others' uploads
 
 
 def test_predict_many_files_and_top_k(client):
@@ -143,6 +150,8 @@ def test_bad_uploads_get_clear_json_errors(client, kind, data, status, message):
     assert r.status_code == status
     msg = error_of(r)
     assert message in msg and f"{kind}.bin" in msg  # says what is wrong, and with which file
+    if status == 413:
+        assert "--max-pixels" in msg  # and which option sets the limit
 
 
 def test_request_errors(client):
@@ -206,47 +215,138 @@ def test_every_supported_kind_of_image_decodes(client, kind, data):
 
 
 def test_kserve_v2(client):
+    """The protocol through the test client; tests/test_serve_kserve.py drives the official
+    client (tritonclient) against a real server."""
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
-    meta = client.get("/v2/models/tiny").json()
-    assert meta["inputs"][0]["shape"] == [-1, 32, 32, 3] and meta["platform"] == "pytorch"
-    assert client.get("/v2/models/tiny/ready").json()["ready"] is True
-    assert client.get("/v2/models/other").status_code == 404
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    meta = client.get("/v2/models/tutorial").json()  # the run's model: stable across reloads
+    version = meta["versions"][0]
+    assert {i["name"]: i["shape"] for i in meta["inputs"]} == {"image": [-1],
+                                                               "input": [-1, 32, 32, 3]}
+    assert "center-crop" in meta["parameters"]["input"]
+    assert client.get(f"/v2/models/tutorial/versions/{version}").json() == meta
+    assert client.get("/v2/models/tutorial/ready").json()["ready"] is True
+    assert "Unknown model" in error_of(client.get("/v2/models/other"))
+    assert "no version" in error_of(client.get("/v2/models/tutorial/versions/0"))
 
-    # the same image through v2 (FP32 pixels) and v1 (a PNG) gives the same probabilities
+    # the same image through v2 (FP32 pixels, with no Content-Type) and v1 (a PNG) gives the
+    # same probabilities
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
     body = {"id": "r1", "inputs": [{"name": "input", "shape": [2, 32, 32, 3],
                                     "datatype": "FP32",
                                     "data": pixels.astype(float).ravel().tolist()}]}
-    r = client.post("/v2/models/tiny/infer", json=body)
+    r = client.post("/v2/models/tutorial/infer", content=json.dumps(body).encode())
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["id"] == "r1" and out["outputs"][0]["shape"] == [2, 4]
-    probs = np.array(out["outputs"][0]["data"]).reshape(2, 4)
+    assert out["id"] == "r1" and out["model_version"] == version
+    probs_out, label_out = out["outputs"]
+    assert probs_out["shape"] == [2, 4] and label_out["shape"] == [2]
+    probs = np.array(probs_out["data"]).reshape(2, 4)
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    classes = meta["parameters"]["classes"]
+    assert label_out["data"] == [classes[i] for i in probs.argmax(1)]
     v1 = client.post("/v1/predict?top_k=4", files={"f": ("x.png", png_bytes(
         Image.fromarray(pixels[0])))}).json()["predictions"][0]["top"]
-    classes = meta["parameters"]["classes"]
     for t in v1:
         assert abs(probs[0][classes.index(t["class"])] - t["probability"]) < 1e-4
 
+    # an encoded image as BYTES (base64 in JSON) is preprocessed as /v1/predict does it
+    photo = image_bytes(7, (61, 45))
+    import base64
+
+    r = client.post("/v2/models/tutorial/infer", json={
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                    "data": [base64.b64encode(photo).decode()]}],
+        "outputs": [{"name": "probabilities"}]})
+    assert r.status_code == 200, r.text
+    p2 = np.array(r.json()["outputs"][0]["data"])
+    v1 = client.post("/v1/predict?top_k=4", files={"f": ("p.png", photo)}).json()
+    for t in v1["predictions"][0]["top"]:
+        assert abs(p2[classes.index(t["class"])] - t["probability"]) < 1e-5
+
+    inp = body["inputs"][0]
     bad = [
-        ({**body, "inputs": [{**body["inputs"][0], "datatype": "INT8"}]}, "FP32"),
-        ({**body, "inputs": [{**body["inputs"][0], "shape": [2, 3, 32, 32]}]}, "NHWC"),
-        ({**body, "inputs": [{**body["inputs"][0], "data": [1.0, 2.0]}]}, "needs"),
-        ({**body, "inputs": [{**body["inputs"][0],
-                              "data": [300.0] * (2 * 32 * 32 * 3)}]}, "[0, 255]"),
-        ({"inputs": []}, "inputs"),
+        ({**body, "inputs": [{**inp, "datatype": "BYTES"}]}, 400, "BYTES"),
+        ({**body, "inputs": [{**inp, "shape": [2, 3, 32, 32], "data": inp["data"]}]}, 400,
+         "NHWC"),
+        ({**body, "inputs": [{**inp, "data": [1.0, 2.0]}]}, 400, "needs"),
+        ({**body, "inputs": [{**inp, "data": [300.0] * (2 * 32 * 32 * 3)}]}, 400, "[0, 255]"),
+        ({"inputs": []}, 400, "inputs"),
+        ({**body, "inputs": [{**inp, "name": "pixels"}]}, 400, "Unknown input"),
+        ({**body, "outputs": [{"name": "logits"}]}, 400, "Unknown output"),
+        ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]},
+         400, "base64"),
+        ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                      "data": [base64.b64encode(b"not an image").decode()]}]}, 415,
+         "not a readable image"),
     ]
-    for payload, message in bad:
-        r = client.post("/v2/models/tiny/infer", json=payload)
-        assert r.status_code in (400, 422) and message in error_of(r), (payload.keys(), r.text)
+    for payload, status, message in bad:
+        r = client.post("/v2/models/tutorial/infer", json=payload)
+        assert r.status_code == status and message in error_of(r), (payload.keys(), r.text)
+    r = client.post("/v2/models/tutorial/infer", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in error_of(r)
+
+
+def test_openapi_documents_every_error_it_sends(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/reload", "/v2", "/v2/models/{name}/infer",
+            "/v2/models/{name}/versions/{version}/infer"} <= set(paths)
+    predict = paths["/v1/predict"]["post"]["responses"]
+    assert {"200", "400", "413", "415", "422", "503"} <= set(predict)
+    shape = predict["413"]["content"]["application/json"]["schema"]
+    assert shape["required"] == ["error", "status"] and "--max" in predict["413"]["description"]
+    assert {"401", "403", "409"} <= set(paths["/v1/reload"]["post"]["responses"])
+    assert {"400", "404", "413", "503"} <= set(paths["/v2/models/{name}/infer"]["post"][
+        "responses"])
+
+
+def test_every_route_errs_in_one_shape(client):
+    """404, 405, body-parse errors, malformed paths: the same JSON shape as every other error."""
+    assert "No route" in error_of(client.get("/nope"))
+    assert "No route" in error_of(client.get("/static/nope.js"))
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and "not allowed" in error_of(r)
+    r = client.post("/v1/reload", content=b"{oops", headers=ADMIN)
+    assert r.status_code == 400 and "JSON" in error_of(r)
+    r = client.post("/v1/reload", json={"run": "bad\x00name"}, headers=ADMIN)
+    assert r.status_code == 400 and "NUL" in error_of(r)
+    r = client.post("/v1/reload", json={"run": 3}, headers=ADMIN)
+    assert r.status_code == 422 and error_of(r)
+
+
+def test_request_limits_refuse_before_any_work(run_dir):
+    """All-or-nothing: a request over the queue or the decode budgets gets 413 naming the
+    option, and none of its images is decoded or computed."""
+    settings = ServeSettings(run=str(run_dir), max_queue=3, max_files=10,
+                             max_request_decode_bytes=8 * 2**20, max_decode_bytes=16 * 2**20)
+    with TestClient(create_app(settings)) as c:
+        _wait_ready(c)
+        files = [("f", (f"{i}.png", image_bytes(20 + i), "image/png")) for i in range(4)]
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 413 and "--max-queue" in error_of(r)
+        # 2000x2000 RGB: about 19 MiB to decode, over the whole 16 MiB budget
+        big = png_bytes(Image.new("RGB", (2000, 2000), (9, 9, 9)))
+        r = c.post("/v1/predict", files={"f": ("big.png", big)})
+        assert r.status_code == 413 and "--max-decode-mb" in error_of(r) and "big.png" in \
+            error_of(r)
+        # 1200x1200 each: under the global budget alone, over the per-request one together
+        mid = png_bytes(Image.new("RGB", (1200, 1200), (9, 9, 9)))
+        r = c.post("/v1/predict", files=[("f", ("a.png", mid)), ("f", ("b.png", mid))])
+        assert r.status_code == 413 and "--max-request-decode-mb" in error_of(r)
+        assert c.post("/v1/predict", files={"f": ("a.png", mid)}).status_code == 200
+        pixels = np.zeros((4, 32, 32, 3), np.uint8)
+        r = c.post("/v2/models/tutorial/infer", json={"inputs": [{
+            "name": "input", "shape": [4, 32, 32, 3], "datatype": "UINT8",
+            "data": pixels.ravel().tolist()}]})
+        assert r.status_code == 413 and "--max-queue" in error_of(r)
+        text = c.get("/metrics").text
+        # only the one accepted image was computed
+        assert "cifarlab_batch_size_sum 1.0" in text, text
 
 
 def test_openapi_and_metrics(client):
-    schema = client.get("/openapi.json").json()
-    assert "/v1/predict" in schema["paths"] and "/v2/models/{name}/infer" in schema["paths"]
     client.post("/v1/predict", files={"file": ("a.png", image_bytes(9))})
     client.post("/v1/predict", files={"file": ("a.png", image_bytes(9))})
     client.post("/v1/predict", files={"file": ("t.txt", b"nope")})
@@ -256,7 +356,16 @@ def test_openapi_and_metrics(client):
     assert "cifarlab_cache_hits_total 1.0" in text and "cifarlab_cache_misses_total" in text
     assert "cifarlab_request_seconds_bucket" in text and "cifarlab_batch_size_bucket" in text
     assert "cifarlab_queue_seconds_bucket" in text
-    assert 'cifarlab_model_info{name="tiny",version="' in text
+    assert 'cifarlab_model_info{name="tutorial",version="' in text
+
+
+def _wait_reload(client) -> dict:
+    for _ in range(300):
+        status = client.get("/v1/reload").json()
+        if status["state"] != "loading":
+            return status
+        time.sleep(0.02)
+    raise AssertionError(status)
 
 
 def test_reload_swaps_the_model_and_refuses_outside_paths(client, run_dir, tmp_path):
@@ -264,24 +373,35 @@ def test_reload_swaps_the_model_and_refuses_outside_paths(client, run_dir, tmp_p
     if not other.exists():
         shutil.copytree(run_dir, other)
     r = client.post("/v1/reload", json={"run": "tiny-copy"})
+    assert r.status_code == 401 and "Bearer" in error_of(r)
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = client.post("/v1/reload", json={"run": "tiny-copy"},
+                    headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 403 and "Wrong admin token" in error_of(r)
+    r = client.post("/v1/reload", json={"run": "tiny-copy"}, headers=ADMIN)
     assert r.status_code == 202
-    for _ in range(200):
-        status = client.get("/v1/reload").json()
-        if status["state"] != "loading":
-            break
-        time.sleep(0.02)
+    status = _wait_reload(client)
     assert status["state"] == "loaded", status
-    assert client.get("/v1/model").json()["name"] == "tiny-copy"
-    r = client.post("/v1/reload", json={"run": str(tmp_path)})
-    assert r.status_code == 403 and "only run folders under" in error_of(r)
-    client.post("/v1/reload", json={"run": "missing-run"})
-    for _ in range(200):
-        status = client.get("/v1/reload").json()
-        if status["state"] != "loading":
-            break
-        time.sleep(0.02)
+    info = client.get("/v1/model").json()
+    assert info["name"] == "tiny-copy" and info["served_name"] == "tutorial"
+    assert client.get("/v2/models/tutorial").status_code == 200  # v2 clients keep working
+    for outside in (str(tmp_path), "../elsewhere", "/etc"):
+        r = client.post("/v1/reload", json={"run": outside}, headers=ADMIN)
+        msg = error_of(r)
+        assert r.status_code == 403 and "only run folders under" in msg
+        assert str(run_dir.parent) not in msg  # no filesystem paths in errors
+    client.post("/v1/reload", json={"run": "missing-run"}, headers=ADMIN)
+    status = _wait_reload(client)
     assert status["state"] == "failed" and "no such run folder" in status["error"]
+    assert str(run_dir.parent) not in json.dumps(status)
     assert client.get("/v1/model").json()["name"] == "tiny-copy"  # the old model still serves
+
+
+def test_reload_is_off_without_an_admin_token(run_dir):
+    with TestClient(create_app(ServeSettings(run=str(run_dir)))) as c:
+        _wait_ready(c)
+        r = c.post("/v1/reload", json={"run": "tiny"}, headers=ADMIN)
+        assert r.status_code == 403 and "--admin-token" in error_of(r)
 
 
 def test_not_ready_without_a_model(tmp_path):

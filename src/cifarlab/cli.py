@@ -367,17 +367,38 @@ def tune_report(study: Path, out: Path | None, storage: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Server processes, each with its own model, batcher and cache.")
+              help="Server processes, each with its own model, batcher and cache; reloads "
+                   "reach all of them and /metrics sums them.")
+@click.option("--model-name", default=None,
+              help="The name KServe v2 clients use; it stays across reloads [default: the "
+                   "run's model, e.g. airnet].")
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True,
               help="Most images in one forward pass (1 turns micro-batching off).")
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True,
               help="Under load, how long a partial batch waits for more (never when idle).")
 @click.option("--max-queue", type=click.IntRange(1), default=1024, show_default=True,
-              help="Images waiting for a forward pass before requests get 503.")
+              help="Images waiting for a forward pass; also the most images one request may "
+                   "carry (413 beyond). A request that does not fit now gets 503.")
 @click.option("--cache-size", type=click.IntRange(0), default=10_000, show_default=True,
               help="Predictions cached by SHA-256 of the upload and model version (LRU).")
 @click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=10.0,
               show_default=True, help="Largest request body; bigger ones get 413.")
+@click.option("--max-inflight-upload-mb", type=click.FloatRange(0, min_open=True),
+              default=256.0, show_default=True,
+              help="Memory for all request bodies at once; requests beyond it wait unread.")
+@click.option("--max-files", type=click.IntRange(1), default=64, show_default=True,
+              help="Most files in one /v1/predict request (413 beyond).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Most pixels in one image, read from its header before decoding (413).")
+@click.option("--max-decode-mb", type=click.FloatRange(0, min_open=True), default=512.0,
+              show_default=True,
+              help="Memory for decoding images (and parsing large v2 JSON) across all "
+                   "requests at once; decodes beyond it wait.")
+@click.option("--max-request-decode-mb", type=click.FloatRange(0, min_open=True),
+              default=256.0, show_default=True,
+              help="Decode memory one request's images may need together (413 beyond).")
+@click.option("--decode-threads", type=click.IntRange(0), default=0, show_default=True,
+              help="Threads that decode large images (0: one per core).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
               show_default=True)
 @click.option("--tta", type=click.IntRange(0, 2), default=None,
@@ -385,34 +406,71 @@ def tune_report(study: Path, out: Path | None, storage: str | None) -> None:
                    "[default: the run's, the one its test accuracy was measured with].")
 @click.option("--runs-root", type=click.Path(path_type=Path), default=None,
               help="Folder whose run folders POST /v1/reload may load [default: RUN's parent].")
-def serve(run: Path, host: str, port: int, workers: int, max_batch: int, max_wait_ms: float,
-          max_queue: int, cache_size: int, max_upload_mb: float, precision: str,
-          tta: int | None,
-          runs_root: Path | None) -> None:
+@click.option("--admin-token", envvar="CIFARLAB_ADMIN_TOKEN", default=None,
+              help="Token that POST /v1/reload requires (Authorization: Bearer TOKEN); reload "
+                   "is off without one. Also read from $CIFARLAB_ADMIN_TOKEN.")
+@click.option("--max-header-kb", type=click.FloatRange(1), default=16.0, show_default=True,
+              help="Largest request head (request line and headers); 431 beyond.")
+@click.option("--max-headers", type=click.IntRange(1), default=100, show_default=True,
+              help="Most header fields in a request; 431 beyond.")
+@click.option("--keep-alive", type=click.FloatRange(0.1), default=5.0, show_default=True,
+              help="Seconds an idle connection (also one that never sent a request) stays open.")
+@click.option("--header-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds a request's headers may take to arrive; 408 beyond.")
+@click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
+              help="Open connections per worker; beyond it, uvicorn answers 503.")
+def serve(run: Path, host: str, port: int, workers: int, model_name: str | None,
+          max_batch: int, max_wait_ms: float, max_queue: int, cache_size: int,
+          max_upload_mb: float, max_inflight_upload_mb: float, max_files: int, max_pixels: int,
+          max_decode_mb: float, max_request_decode_mb: float, decode_threads: int,
+          precision: str, tta: int | None, runs_root: Path | None, admin_token: str | None,
+          max_header_kb: float, max_headers: int, keep_alive: float, header_timeout: float,
+          max_connections: int) -> None:
     """Serve a run folder: a web page at / and a REST API (/v1/predict, KServe v2, /metrics)."""
     import os
+    import tempfile
 
     import uvicorn
 
     from cifarlab.runs import read_run
     from cifarlab.serve.app import create_app
+    from cifarlab.serve.protocol import guarded_protocol
     from cifarlab.serve.settings import ENV_SETTINGS, ServeSettings, settings_json
 
     # A bad run folder fails here, with its message, before the port is bound. Only the config
     # and summary are read: the server loads the weights once, on its forward thread.
-    read_run(run)
+    loaded = read_run(run)
+    mib = 2**20
+    if max_request_decode_mb > max_decode_mb:
+        raise CifarlabError(f"--max-request-decode-mb ({max_request_decode_mb:g}) cannot be "
+                            f"more than --max-decode-mb ({max_decode_mb:g}).")
     settings = ServeSettings(
         run=str(run.resolve()), runs_root=str(runs_root.resolve()) if runs_root else None,
-        max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-        cache_size=cache_size, max_upload_bytes=int(max_upload_mb * 2**20), precision=precision,
-        tta=tta)
+        model_name=model_name or loaded.config.model, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, max_queue=max_queue, cache_size=cache_size,
+        max_upload_bytes=int(max_upload_mb * mib),
+        max_inflight_upload_bytes=int(max_inflight_upload_mb * mib), max_files=max_files,
+        max_pixels=max_pixels, max_decode_bytes=int(max_decode_mb * mib),
+        max_request_decode_bytes=int(max_request_decode_mb * mib),
+        decode_threads=decode_threads, precision=precision, tta=tta, admin_token=admin_token,
+        max_header_bytes=int(max_header_kb * 1024), max_headers=max_headers,
+        header_timeout=header_timeout, keep_alive=keep_alive, max_connections=max_connections)
+    limits: dict[str, Any] = dict(host=host, port=port, log_level="warning",
+                                  timeout_keep_alive=keep_alive,
+                                  limit_concurrency=max_connections)
     click.echo(f"serving {run} at http://{host}:{port}/  (Ctrl-C stops)")
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
-    else:
+        protocol = guarded_protocol(settings.max_header_bytes, max_headers, header_timeout)
+        uvicorn.run(create_app(settings), http=protocol, **limits)
+        return
+    with tempfile.TemporaryDirectory(prefix="cifarlab-serve-") as shared:
+        # every worker polls state/ for reloads and writes its metrics to metrics/
+        settings.state_dir = os.path.join(shared, "state")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(shared, "metrics")
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         os.environ[ENV_SETTINGS] = settings_json(settings)
-        uvicorn.run("cifarlab.serve.app:app_from_env", factory=True, host=host, port=port,
-                    workers=workers, log_level="warning")
+        uvicorn.run("cifarlab.serve.app:app_from_env", factory=True, workers=workers,
+                    http="cifarlab.serve.protocol:FromEnv", **limits)
 
 
 # ----------------------------------------------------------------------- evaluate / predict

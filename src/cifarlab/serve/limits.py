@@ -1,12 +1,16 @@
-"""The request-body limit, enforced while a body streams in."""
+"""Request bodies: the per-request limit, enforced while a body streams in, and the budget for all
+bodies in flight at once."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cifarlab.serve.budget import ByteBudget
 from cifarlab.serve.errors import TooLarge, error_body, too_large_message
 
-__all__ = ["BodyLimit", "declared_too_large", "limit_receive"]
+__all__ = ["BODY_COPIES", "BodyBudget", "BodyLimit", "declared_too_large", "limit_receive"]
+
+BODY_COPIES = 2  # a body is held as received, and once more as its parts (multipart, v2)
 
 
 def declared_too_large(headers: dict[bytes, bytes], max_bytes: int) -> bool:
@@ -67,3 +71,23 @@ class BodyLimit:
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyBudget:
+    """Hold ``BODY_COPIES`` × the body's size (its Content-Length, else the upload limit) of the
+    in-flight upload budget (``--max-inflight-upload-mb``) from before the body is read until the
+    response is sent. Requests over the budget wait their turn, unread (TCP pushes back on the
+    client), so the bodies held at once never exceed the budget, however many clients send."""
+
+    def __init__(self, app: ASGIApp, budget: ByteBudget, max_bytes: int):
+        self.app, self.budget, self.max_bytes = app, budget, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        size = int(declared) if declared.isdigit() else self.max_bytes
+        cost = BODY_COPIES * min(size, self.max_bytes) + 4096
+        async with self.budget.hold(min(cost, self.budget.capacity)):
+            await self.app(scope, receive, send)

@@ -1,7 +1,13 @@
-"""Prometheus metrics, one registry per app (so tests can build many apps in one process)."""
+"""Prometheus metrics, one registry per app (so tests can build many apps in one process).
+
+With several workers (``PROMETHEUS_MULTIPROC_DIR`` set by ``cifarlab serve --workers N`` before
+the workers start), every worker writes its values to that folder and ``/metrics`` sums them over
+the live workers (prometheus_client's multiprocess mode): the answer does not depend on which
+worker serves the scrape."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -12,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,9 +47,10 @@ class Metrics:
         self.cache_misses = Counter("cifarlab_cache_misses", "Predictions computed",
                                     registry=r)
         self.queue_depth = Gauge("cifarlab_queue_depth", "Images waiting for a forward pass",
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livesum")
         self.model_info = Gauge("cifarlab_model_info", "The served model (value 1)",
-                                ["name", "version"], registry=r)
+                                ["name", "version"], registry=r, multiprocess_mode="livemax")
+        self._served: tuple[str, str] | None = None
 
     def observe_batch(self, size: int, waits: list[float]) -> None:
         self.batch_size.observe(size)
@@ -56,10 +64,18 @@ class Metrics:
         (self.cache_hits if hit else self.cache_misses).inc()
 
     def set_model(self, name: str, version: str) -> None:
+        if self._served is not None:  # 0, not just cleared: in multiprocess mode the old
+            self.model_info.labels(*self._served).set(0)  # value would stay in its file
         self.model_info.clear()
         self.model_info.labels(name, version).set(1)
+        self._served = (name, version)
 
     def render(self) -> tuple[bytes, str]:
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if folder:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=folder)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def middleware_class(self) -> Any:

@@ -11,17 +11,17 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+import numpy as np
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cifarlab.imaging import CorruptImage, ImageTooLarge, UnsupportedImage
 from cifarlab.infer import DEFAULT_TOP_K, Predictor
-from cifarlab.serve.batching import QueueFull
+from cifarlab.serve.batching import QueueFull, TooManyImages
 from cifarlab.serve.errors import ApiError, TooLarge, error_body, too_large_message
 from cifarlab.serve.limits import declared_too_large, limit_receive
 from cifarlab.serve.state import ServerState
-from cifarlab.serve.uploads import decode_upload, parse_uploads
+from cifarlab.serve.uploads import parse_uploads
 
-__all__ = ["PREDICT_OPENAPI", "PredictEndpoint", "predict_payload"]
+__all__ = ["PREDICT_OPENAPI", "PredictEndpoint", "predict_payload", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ PREDICT_OPENAPI: dict[str, Any] = {
 
 
 async def predict_payload(state: ServerState, content_type: str, body: bytes, query: str) -> bytes:
-    """The JSON body answering POST /v1/predict (raises :class:`ApiError`)."""
+    """The JSON body answering POST /v1/predict (raises :class:`ApiError`). The request is
+    checked whole before any work: every image's header, the decode budgets and the queue."""
     t0 = time.perf_counter()
     model = state.ready_model()
     top_k = min(DEFAULT_TOP_K, len(model.classes))
@@ -53,12 +54,24 @@ async def predict_payload(state: ServerState, content_type: str, body: bytes, qu
             raise ApiError(422, f"top_k must be between 1 and {len(model.classes)}, got {top_k}.")
     uploads = parse_uploads(content_type, body, state.settings.max_files)
     t_read = time.perf_counter()
-    results = await asyncio.gather(*(_predict_one(state, model, name, data, top_k)
-                                     for name, data in uploads))
+    shas = [hashlib.sha256(data).hexdigest() for _, data in uploads]
+    probs: list[np.ndarray | None] = [state.cache.get((sha, model.version)) for sha in shas]
+    misses = [i for i, p in enumerate(probs) if p is None]
+    costs = state.decoder.estimate([uploads[i] for i in misses], model.image_size)
+    images = await asyncio.gather(*(
+        state.decoder.decode(uploads[i][1], model.image_size, uploads[i][0], cost)
+        for i, cost in zip(misses, costs, strict=True)))
+    computed = await submit(state, list(images), model)
+    for i, p in zip(misses, computed, strict=True):
+        probs[i] = p
+        state.cache.put((shas[i], model.version), p)
+    for i in range(len(uploads)):
+        state.metrics.cache(i not in misses)
     t_end = time.perf_counter()
-    for r in results:
-        state.recent.appendleft({"filename": r["filename"], "top": r["top"][:1],
-                                 "cached": r["cached"]})
+    missed = set(misses)
+    results = [{**model.describe(name, sha, p, top_k), "cached": i not in missed}
+               for i, ((name, _), sha, p) in enumerate(zip(uploads, shas, probs, strict=True))
+               if p is not None]
     return json.dumps({
         "model": model.name, "version": model.version, "tta": model.tta, "predictions": results,
         "timing": {"total_ms": round((t_end - t0) * 1000, 3),
@@ -67,30 +80,16 @@ async def predict_payload(state: ServerState, content_type: str, body: bytes, qu
     }).encode()
 
 
-async def _predict_one(state: ServerState, model: Predictor, name: str, data: bytes,
-                       top_k: int) -> dict[str, Any]:
-    sha = hashlib.sha256(data).hexdigest()
-    key = (sha, model.version)
-    probs = state.cache.get(key)
-    cached = probs is not None
-    state.metrics.cache(cached)
-    if probs is None:
-        if not data:
-            raise ApiError(422, f"{name}: the file is empty.")
-        try:
-            image = await decode_upload(data, model.image_size, name, state.settings.max_pixels)
-        except UnsupportedImage as exc:
-            raise ApiError(415, str(exc)) from None
-        except ImageTooLarge as exc:
-            raise ApiError(413, str(exc)) from None
-        except CorruptImage as exc:
-            raise ApiError(422, str(exc)) from None
-        try:
-            probs = await state.batcher.submit(image, model)
-        except QueueFull as exc:
-            raise ApiError(503, f"Server busy: {exc}; retry shortly.") from None
-        state.cache.put(key, probs)
-    return {**model.describe(name, sha, probs, top_k), "cached": cached}
+async def submit(state: ServerState, images: list[np.ndarray], model: Predictor) -> list[np.ndarray]:
+    """Class probabilities of a request's images from the batcher, all or nothing: 413 for a
+    request larger than the whole queue, 503 when it does not fit now."""
+    try:
+        return await state.batcher.submit_many(images, model)
+    except TooManyImages as exc:
+        raise ApiError(413, f"Too many images: {exc}.") from None
+    except QueueFull as exc:
+        raise ApiError(503, f"Server busy: {exc}; retry shortly.",
+                       headers={"Retry-After": "1"}) from None
 
 
 class PredictEndpoint:
@@ -114,6 +113,7 @@ class PredictEndpoint:
         t0 = time.perf_counter()
         headers = dict(scope["headers"])
         close = False
+        extra: dict[str, str] = {}
         try:
             body = await self._body(headers, receive)
             payload = await predict_payload(self.state, headers.get(b"content-type", b"").decode(
@@ -124,6 +124,7 @@ class PredictEndpoint:
             payload = error_body(413, too_large_message(self.max_bytes))
         except ApiError as exc:
             status, payload = exc.status, error_body(exc.status, exc.message)
+            extra = exc.headers or {}
         except Exception as exc:
             log.exception("unhandled error on /v1/predict")
             status = 500
@@ -133,6 +134,7 @@ class PredictEndpoint:
                 (b"content-length", str(len(payload)).encode())]
         if close:
             head.append((b"connection", b"close"))
+        head += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": payload})
         m = self.state.metrics
