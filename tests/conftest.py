@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import synthetic_images, write_cifar_python, write_tree
+from helpers import synthetic_images, train_tiny_run, write_cifar_python, write_tree
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +37,21 @@ def learnable(tmp_path) -> Path:
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar_python(folder, n_per_class=60, n_batches=2)
     return folder
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """A trained tutorial model on the synthetic 4-class set (a real run folder), shared by
+    the serving tests; runs/ beside it is their runs root."""
+    root = tmp_path_factory.mktemp("served")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARLAB_CACHE", str(root / "cache"))
+        return train_tiny_run(root, "tiny")
+
+
+@pytest.fixture(scope="session")
+def other_run_dir(run_dir) -> Path:
+    """A second run of the same model with other weights, beside ``run_dir``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARLAB_CACHE", str(run_dir.parent.parent / "cache"))
+        return train_tiny_run(run_dir.parent.parent, "tiny-b", epochs=2, seed=1)

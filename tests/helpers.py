@@ -3,14 +3,18 @@ CLI runner, and small trained runs. Tests import from here, never from each othe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +127,61 @@ def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(run: Path, *args: str, ready_timeout: float = 60) -> Iterator[str]:
+    """`cifarlab serve RUN ARGS` on a free loopback port, until its model is ready; yields its
+    URL and stops it afterwards."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([CIFARLAB, "serve", str(run), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read() if proc.stderr else "server died")
+            if time.monotonic() > deadline:
+                raise AssertionError("the server's model never became ready")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def train_tiny_run(root: Path, name: str, epochs: int = 8, seed: int = 0) -> Path:
+    """A trained tutorial model on the synthetic 4-class set: a real run folder."""
+    from cifarlab.config import DataConfig
+    from cifarlab.models import default_config
+    from cifarlab.runs import RunWriter
+    from cifarlab.trainer import train
+
+    data = root / "cifar-10-batches-py"
+    if not data.exists():
+        write_cifar_python(data, n_per_class=60, n_batches=2)
+    cfg = default_config("tutorial")
+    cfg.data = DataConfig(source=str(data), val_size=40)
+    cfg.optim.epochs = epochs
+    cfg.seed = seed
+    train(cfg, [RunWriter(root / "runs" / name)], progress=False)
+    return root / "runs" / name

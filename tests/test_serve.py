@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,27 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cifarlab.config import DataConfig
-from cifarlab.models import default_config
-from cifarlab.runs import RunWriter
 from cifarlab.serve import ServeSettings, create_app
-from cifarlab.trainer import train
-from helpers import CIFARLAB, png_bytes, write_cifar_python
-
-
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """A trained tutorial model on the synthetic 4-class set (a real run folder)."""
-    root = tmp_path_factory.mktemp("served")
-    data = root / "cifar-10-batches-py"
-    write_cifar_python(data, n_per_class=60, n_batches=2)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIFARLAB_CACHE", str(root / "cache"))
-        cfg = default_config("tutorial")
-        cfg.data = DataConfig(source=str(data), val_size=40)
-        cfg.optim.epochs = 8
-        train(cfg, [RunWriter(root / "runs" / "tiny")], progress=False)
-    return root / "runs" / "tiny"
+from helpers import CIFARLAB, free_port, png_bytes, serving
 
 
 def _wait_ready(client: TestClient) -> None:
@@ -420,32 +400,10 @@ def test_not_ready_without_a_model(tmp_path):
 # --------------------------------------------------------------------- a real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(run_dir):
-    port = _free_port()
-    proc = subprocess.Popen([CIFARLAB, "serve", str(run_dir), "--port", str(port),
-                             "--cache-size", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read() if proc.stderr else "server died")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with serving(run_dir, "--cache-size", "0") as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -486,8 +444,11 @@ def test_page_in_headless_chromium(server, run_dir, tmp_path):
 
     png = tmp_path / "upload.png"
     png.write_bytes(image_bytes(11, (48, 48)))
-    rest = httpx.post(f"{server}/v1/predict", files={"file": ("upload.png", png.read_bytes())}
-                      ).json()["predictions"][0]["top"]
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"just text")
+    rest_body = httpx.post(f"{server}/v1/predict",
+                           files={"file": ("upload.png", png.read_bytes())}).json()
+    rest = rest_body["predictions"][0]["top"]
     cli = _cli_predict(run_dir, png)["predictions"][0]["top"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -503,9 +464,42 @@ def test_page_in_headless_chromium(server, run_dir, tmp_path):
         shown = json.loads(page.get_attribute("#bars", "data-top") or "[]")
         assert page.get_attribute("#status", "data-top") == rest[0]["class"]
         assert page.locator("#bars li").count() == 4
-        assert rest[0]["class"] in page.inner_text("#recent")
+        assert rest[0]["class"] in page.inner_text("#recent")  # this tab's own history
+        unsure = rest[0]["probability"] < 0.5
+        assert page.is_visible("#unsure") == unsure
         # usable at phone width: nothing wider than the screen
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+        # keyboard only: Tab reaches the file chooser, and its button shows the focus
+        page.focus("body")
+        for _ in range(5):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.id") == "file":
+                break
+        assert page.evaluate("document.activeElement.id") == "file"
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Enter")
+        chooser.value.set_files(str(bad))
+        page.wait_for_selector("#status.error")
+        assert page.get_attribute("#status", "role") == "alert"
+        assert "not a readable image" in page.inner_text("#status")
+        assert page.eval_on_selector("#status", "e => getComputedStyle(e).color") == \
+            "rgb(179, 38, 30)"
+
+        # a low top probability shows the "not sure" cue (the answer is shaped by the test;
+        # the page's handling of it is what is checked)
+        low = {**rest_body, "predictions": [{**rest_body["predictions"][0], "top": [
+            {"class": "circle", "probability": 0.31}, {"class": "square", "probability": 0.3}]}]}
+        page.route("**/v1/predict", lambda route: route.fulfill(json=low))
+        page.set_input_files("#file", str(png))
+        page.wait_for_selector("#unsure:not([hidden])")
+        assert "Not sure" in page.inner_text("#unsure") and "square" in page.inner_text("#unsure")
+
+        # another visitor does not see this tab's uploads
+        other = browser.new_page()
+        other.goto(server)
+        other.wait_for_selector("#model:has-text('test accuracy')")
+        assert other.inner_text("#recent") == ""
         browser.close()
     for a, b, c in zip(shown, rest, cli, strict=True):
         assert a["class"] == b["class"] == c["class"]
@@ -542,7 +536,7 @@ def test_cli_predict_and_rest_agree(server, run_dir, tmp_path):
 @pytest.mark.slow
 def test_several_server_workers(run_dir):
     """--workers N: uvicorn processes built by the app factory, each with its own model."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([CIFARLAB, "serve", str(run_dir), "--port", str(port), "--workers",
                              "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy())
