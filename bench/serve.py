@@ -9,7 +9,9 @@ small asyncio HTTP/1.1 client (keep-alive connections, one pre-built multipart r
 distinct image, responses parsed by Content-Length) at concurrency 1, 8 and 64, with
 micro-batching on (--max-batch 64) and off (--max-batch 1), with the cache off; then cache hits
 (one image, cache on). Client and server share the machine's cores, as they would on one host.
-Writes its table into docs/BENCHMARKS.md.
+Then fairness: the p99 latency of single-image requests alone, and while another client sends
+maximum-size KServe v2 requests back to back (a 10 MiB JSON body, the upload limit, of 700
+images). Writes its tables into docs/BENCHMARKS.md (``--only fairness`` runs that part alone).
 """
 
 from __future__ import annotations
@@ -129,6 +131,92 @@ async def drive(port: int, requests: list[bytes], total: int, concurrency: int
     return total / (time.perf_counter() - t0), np.array(latencies), errors
 
 
+def v2_bulk_request(port: int, model: str, n: int = 700) -> bytes:
+    """A maximum-size v2 JSON request: ``n`` images of integer pixels, just under 10 MiB."""
+    import json
+
+    x = np.random.default_rng(1).integers(0, 256, (n, 32, 32, 3))
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def fairness(run: Path, model: str, requests: int = 300) -> dict[str, float]:
+    """Single-image p50/p99 alone and under a client sending maximum-size v2 requests back to
+    back (its own thread and connection), and that client's images/s."""
+    import threading
+
+    server = Server(run, "--cache-size", "0")
+    try:
+        reqs = [request_bytes(server.port, png(i)) for i in range(256)]
+        bulk = v2_bulk_request(server.port, model)
+        assert len(bulk) < 10 * 2**20
+        asyncio.run(drive(server.port, reqs, 100, 1))  # warm-up
+        _, alone, e0 = asyncio.run(drive(server.port, reqs, requests, 1))
+        stop = threading.Event()
+        done = {"requests": 0, "errors": 0, "seconds": 0.0}
+
+        def bulk_client() -> None:
+            t0 = time.perf_counter()
+            s = socket.create_connection(("127.0.0.1", server.port))
+            f = s.makefile("rb")
+            while not stop.is_set():
+                s.sendall(bulk)
+                status = int(f.readline().split()[1])
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                f.read(length)
+                done["requests"] += 1
+                done["errors"] += status != 200
+            done["seconds"] = time.perf_counter() - t0
+            s.close()
+
+        t = threading.Thread(target=bulk_client)
+        t.start()
+        time.sleep(2.0)  # the bulk client in full flow
+        _, loaded, e1 = asyncio.run(drive(server.port, reqs, requests, 1))
+        stop.set()
+        t.join()
+    finally:
+        server.close()
+    a50, a99 = np.percentile(alone, [50, 99]) * 1000
+    l50, l99 = np.percentile(loaded, [50, 99]) * 1000
+    return {"alone_p50": a50, "alone_p99": a99, "loaded_p50": l50, "loaded_p99": l99,
+            "errors": e0 + e1 + done["errors"], "bulk_requests": done["requests"],
+            "bulk_images_per_s": done["requests"] * 700 / max(done["seconds"], 1e-9)}
+
+
+def write_fairness(f: dict[str, float], model: str, requests: int) -> None:
+    ratio = f["loaded_p99"] / f["alone_p99"]
+    lines = [
+        "## Serving: fairness under maximum-size requests (`bench/serve.py`)",
+        "",
+        f"Machine: {machine()}. Model: {model} (fp32), default `cifarlab serve` settings, cache "
+        f"off. One client sends {requests} single-image `/v1/predict` requests one after "
+        "another, first alone, then while a second client (its own thread and connection) "
+        "sends maximum-size KServe v2 requests back to back: 700 images as a 9.8 MB JSON body, "
+        "just under the 10 MiB upload limit. Client and server share the 2 cores.",
+        "",
+        "| single-image requests | p50 ms | p99 ms |",
+        "|---|---:|---:|",
+        f"| alone | {f['alone_p50']:.2f} | {f['alone_p99']:.2f} |",
+        f"| with the bulk client | {f['loaded_p50']:.2f} | {f['loaded_p99']:.2f} |",
+        "",
+        f"The bulk client got {f['bulk_requests']:.0f} answers ({f['bulk_images_per_s']:.0f} "
+        f"images/s) meanwhile; errors: {f['errors']:.0f}.",
+        "",
+        f"Target: p99 with the bulk client within 3× the p99 alone: {ratio:.2f}×: "
+        + ("met." if ratio <= 3 else "MISSED."),
+    ]
+    body = "\n".join(lines)
+    print(body)
+    write_section("serve-fairness", body)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,7 +250,13 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--rounds", type=int, default=3, help="paired raw/server rounds")
+    p.add_argument("--only", choices=["fairness"], default=None)
     a = p.parse_args()
+    if a.only == "fairness":
+        with tempfile.TemporaryDirectory() as tmp:
+            f = fairness(build_run(a.model, Path(tmp)), a.model)
+        write_fairness(f, a.model, 300)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         from cifarlab.infer import Predictor
 
@@ -264,6 +358,9 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     write_section("serve", body)
+    with tempfile.TemporaryDirectory() as tmp:
+        f = fairness(build_run(a.model, Path(tmp)), a.model)
+    write_fairness(f, a.model, 300)
 
 
 if __name__ == "__main__":

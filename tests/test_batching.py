@@ -9,19 +9,22 @@ import time
 import numpy as np
 import pytest
 
-from cifarlab.serve.batching import LRUCache, MicroBatcher, QueueFull
+from cifarlab.serve.batching import LRUCache, MicroBatcher, QueueFull, TooManyImages
 
 
 class _Recorder:
-    """A stand-in model that records batch sizes (the batcher is what is under test)."""
+    """A stand-in model that records batch sizes and contents (the batcher is what is under
+    test)."""
 
     def __init__(self, delay: float = 0.0):
         self.sizes: list[int] = []
+        self.batches: list[list[int]] = []  # the first pixel of each image, per batch
         self.delay = delay
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         time.sleep(self.delay)
         self.sizes.append(len(images))
+        self.batches.append([int(i[0, 0, 0]) for i in images])
         return images.reshape(len(images), -1)[:, :2].astype(np.float32)
 
 
@@ -110,3 +113,64 @@ def test_batcher_refuses_impossible_settings():
         MicroBatcher(max_batch=0)
     with pytest.raises(ValueError):
         MicroBatcher(max_queue=0)
+
+
+def test_requests_are_admitted_all_or_nothing():
+    async def main():
+        b = MicroBatcher(max_batch=4, max_wait=0.0, max_queue=5)
+        await b.start()
+        model = _Recorder(delay=0.1)
+        x = [np.zeros((2, 2, 3), np.uint8)] * 6
+        with pytest.raises(TooManyImages, match="at most 5"):
+            await b.submit_many(x, model)  # could never fit
+        running = asyncio.ensure_future(b.submit_many(x[:3], model))
+        await asyncio.sleep(0.02)  # the first 3 are in the forward pass; the queue is empty
+        waiting = asyncio.ensure_future(b.submit_many(x[:4], model))
+        await asyncio.sleep(0)
+        assert b.depth == 4
+        with pytest.raises(QueueFull, match="brings 2"):
+            await b.submit_many(x[:2], model)  # 4 + 2 > 5: refused whole
+        assert b.depth == 4  # nothing of the refused request was queued
+        await asyncio.gather(running, waiting)
+        await b.stop()
+        return model.sizes
+
+    assert sum(asyncio.run(main())) == 7  # the refused images were never computed
+
+
+def test_a_small_request_rides_the_next_forward_pass():
+    """Round-robin across requests, and with small requests about, at most fair_share images
+    of any one request per forward pass: a one-image request queued behind a 40-image one is
+    computed in the next pass, not after all 40."""
+    async def main():
+        b = MicroBatcher(max_batch=64, max_wait=0.0, max_queue=100, fair_share=4)
+        await b.start()
+        model = _Recorder(delay=0.01)
+        await b.submit(np.full((2, 2, 3), 200, np.uint8), model)  # a small request was seen
+        bulk = asyncio.ensure_future(b.submit_many(
+            [np.full((2, 2, 3), i, np.uint8) for i in range(40)], model))
+        await asyncio.sleep(0.005)
+        small = await b.submit(np.full((2, 2, 3), 99, np.uint8), model)
+        in_flight = len(model.batches)
+        await bulk
+        await b.stop()
+        return model.batches, small, in_flight
+
+    batches, small, in_flight = asyncio.run(main())
+    assert int(small[0]) == 99
+    where = next(k for k, batch in enumerate(batches) if 99 in batch)
+    assert where <= 3  # its batch came right after the one in flight
+    assert all(len(batch) <= 5 for batch in batches[1:])  # 4 bulk + the small one at most
+    assert sorted(i for batch in batches for i in batch if i < 40) == list(range(40))
+
+
+def test_a_large_request_alone_gets_full_batches():
+    async def main():
+        b = MicroBatcher(max_batch=16, max_wait=0.0, max_queue=100, fair_share=4)
+        await b.start()
+        model = _Recorder()
+        await b.submit_many([np.zeros((2, 2, 3), np.uint8)] * 48, model)
+        await b.stop()
+        return model.sizes
+
+    assert asyncio.run(main()) == [16, 16, 16]

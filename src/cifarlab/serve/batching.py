@@ -80,7 +80,7 @@ class MicroBatcher:
 
     def __init__(self, max_batch: int = 64, max_wait: float = 0.002, max_queue: int = 1024,
                  on_batch: Callable[[int, list[float]], None] | None = None,
-                 on_forward: Callable[[float], None] | None = None, fair_share: int = 8):
+                 on_forward: Callable[[float], None] | None = None, fair_share: int = 4):
         if max_batch < 1 or max_queue < 1 or max_wait < 0 or fair_share < 1:
             raise ValueError("max_batch, max_queue and fair_share must be >= 1 and "
                              "max_wait >= 0")

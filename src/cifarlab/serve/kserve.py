@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -62,7 +63,9 @@ class JsonParser:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:  # spawn: never fork a process that runs torch threads
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            # niced: on a small CPU the forward pass keeps its cores while a body parses
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=os.nice, initargs=(10,))
         return self._pool
 
     async def warm(self) -> None:

@@ -33,7 +33,7 @@ class ServerState:
         self.batcher = MicroBatcher(settings.max_batch, settings.max_wait_ms / 1000,
                                     settings.max_queue, on_batch=self.metrics.observe_batch,
                                     on_forward=self.metrics.observe_forward,
-                                    fair_share=min(8, settings.max_batch))
+                                    fair_share=min(4, settings.max_batch))
         root = settings.runs_root or str(Path(settings.run).resolve().parent)
         self.runs_root = Path(root).resolve()
 
