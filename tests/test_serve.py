@@ -294,6 +294,11 @@ def test_every_route_errs_in_one_shape(client):
     assert r.status_code == 400 and "NUL" in error_of(r)
     r = client.post("/v1/reload", json={"run": 3}, headers=ADMIN)
     assert r.status_code == 422 and error_of(r)
+    for path in ("/static/a%00b.js", "/v2/models/%00", "/v1/predict%0a", "/static/%c0%ae",
+                 "/static/" + "a" * 3000):
+        for method in ("GET", "POST"):
+            r = client.request(method, path)
+            assert r.status_code == 400 and "Malformed request path" in error_of(r), path
 
 
 def test_request_limits_refuse_before_any_work(run_dir):

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cifarlab import __version__
 from cifarlab.serve.errors import ApiError, error_response, error_responses
 from cifarlab.serve.kserve import JsonParser, kserve_router
-from cifarlab.serve.limits import BodyBudget, BodyLimit
+from cifarlab.serve.limits import BodyBudget, BodyLimit, PathGuard
 from cifarlab.serve.predict import PREDICT_OPENAPI, PredictEndpoint, predict_payload
 from cifarlab.serve.reload import Reloads
 from cifarlab.serve.settings import ServeSettings, settings_from_env
@@ -73,13 +73,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="cifarlab", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None,  # their pages load assets from a CDN
                   description="Image classification with a cifarlab run folder. Every error "
-                              "is `{\"error\": \"<message>\", \"status\": <code>}`.")
+                              "is `{\"error\": \"<message>\", \"status\": <code>}`. Besides "
+                              "the responses listed per route, any request can get 400 (a "
+                              "malformed request line or path), 404 (no such route), 405 "
+                              "(method not allowed), 408 (headers slower than "
+                              "`--header-timeout`), 431 (headers over `--max-header-kb` or "
+                              "`--max-headers`) and 503 (over `--max-connections`).")
     app.state.cifarlab = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(state.metrics.middleware_class())
     app.add_middleware(PredictEndpoint, state=state)
-    app.add_middleware(BodyBudget, budget=state.uploads,  # added last: runs first
+    app.add_middleware(BodyBudget, budget=state.uploads,
                        max_bytes=settings.max_upload_bytes)
+    app.add_middleware(PathGuard)  # added last: runs first
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.exception_handler(ApiError)

@@ -8,7 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cifarlab.serve.budget import ByteBudget
 from cifarlab.serve.errors import TooLarge, error_body, too_large_message
 
-__all__ = ["BODY_COPIES", "BodyBudget", "BodyLimit", "declared_too_large", "limit_receive"]
+__all__ = ["BODY_COPIES", "BodyBudget", "BodyLimit", "PathGuard", "declared_too_large",
+           "limit_receive"]
 
 BODY_COPIES = 2  # a body is held as received, and once more as its parts (multipart, v2)
 
@@ -91,3 +92,39 @@ class BodyBudget:
         cost = BODY_COPIES * min(size, self.max_bytes) + 4096
         async with self.budget.hold(min(cost, self.budget.capacity)):
             await self.app(scope, receive, send)
+
+
+class PathGuard:
+    """400 for a malformed request path: control characters (a NUL byte among them), bytes that
+    are not UTF-8 once percent-decoded, or more than 2,048 characters. Such a path names nothing
+    on this server, and passing it on only invites 500s further down (file systems refuse NUL)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = _path_problem(scope.get("raw_path") or scope["path"].encode())
+            if problem:
+                body = error_body(400, f"Malformed request path: {problem}.")
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _path_problem(raw: bytes) -> str | None:
+    from urllib.parse import unquote_to_bytes
+
+    if len(raw) > 2048:
+        return "longer than 2048 characters"
+    path = unquote_to_bytes(raw)
+    try:
+        text = path.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8 once percent-decoded"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        return "it contains a control character"
+    return None
