@@ -127,7 +127,8 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
 
 
 def test_header_limits_and_idle_connections(run_dir):
-    with serving(run_dir, "--keep-alive", "1", "--header-timeout", "2") as url:
+    with serving(run_dir, "--keep-alive", "1", "--header-timeout", "2",
+                 "--max-connections", "3") as url:
         big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 * 1024) + \
             b"\r\n\r\n"
         _, out = _raw(url, big)
@@ -147,9 +148,15 @@ def test_header_limits_and_idle_connections(run_dir):
         # a malformed request line gets 400 in the JSON error shape
         _, out = _raw(url, b"BLAH\x01 / HTTP/1.1\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 400") and b'"error"' in out
-        # ordinary requests still work, and keep-alive connections are closed when idle
+        # ordinary requests still work
         with httpx.Client(base_url=url) as c:
             assert c.get("/v2/health/live").status_code == 200
+        # beyond --max-connections: 503 in the JSON shape
+        held = [_raw(url, b"", read=False)[0] for _ in range(3)]
+        _, out = _raw(url, b"")  # told at once, before it sends anything
+        assert out.startswith(b"HTTP/1.1 503") and b"--max-connections" in out
+        for s in held:
+            s.close()
 
 
 def test_reload_reaches_both_workers_under_load(run_dir, other_run_dir):

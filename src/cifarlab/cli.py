@@ -456,11 +456,11 @@ def serve(run: Path, host: str, port: int, workers: int, model_name: str | None,
         max_header_bytes=int(max_header_kb * 1024), max_headers=max_headers,
         header_timeout=header_timeout, keep_alive=keep_alive, max_connections=max_connections)
     limits: dict[str, Any] = dict(host=host, port=port, log_level="warning",
-                                  timeout_keep_alive=keep_alive,
-                                  limit_concurrency=max_connections)
+                                  timeout_keep_alive=keep_alive)
     click.echo(f"serving {run} at http://{host}:{port}/  (Ctrl-C stops)")
     if workers == 1:
-        protocol = guarded_protocol(settings.max_header_bytes, max_headers, header_timeout)
+        protocol = guarded_protocol(settings.max_header_bytes, max_headers, header_timeout,
+                                    max_connections)
         uvicorn.run(create_app(settings), http=protocol, **limits)
         return
     with tempfile.TemporaryDirectory(prefix="cifarlab-serve-") as shared:

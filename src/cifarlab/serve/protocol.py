@@ -5,7 +5,9 @@
   closes;
 - a connection that sends nothing is closed after the keep-alive timeout (uvicorn only starts
   that timer after a first response, so idle connections that never sent a request stayed open);
-- a request's headers must arrive within ``header_timeout`` seconds (slow-header clients).
+- a request's headers must arrive within ``header_timeout`` seconds (slow-header clients);
+- at most ``max_connections`` open connections; the next one gets ``503`` in the JSON shape
+  (uvicorn's own ``limit_concurrency`` answers in plain text).
 
 Build the class with :func:`guarded_protocol` and pass it to ``uvicorn.run(http=...)``; with
 several workers, pass ``"cifarlab.serve.protocol:FromEnv"``, built from the settings that the
@@ -30,17 +32,22 @@ def __getattr__(name: str) -> Any:
         from cifarlab.serve.settings import settings_from_env
 
         s = settings_from_env(dict(os.environ))
-        return guarded_protocol(s.max_header_bytes, s.max_headers, s.header_timeout)
+        return guarded_protocol(s.max_header_bytes, s.max_headers, s.header_timeout,
+                                s.max_connections)
     raise AttributeError(name)
 
 
-def guarded_protocol(max_header_bytes: int, max_headers: int,
-                     header_timeout: float) -> type[asyncio.Protocol]:
+def guarded_protocol(max_header_bytes: int, max_headers: int, header_timeout: float,
+                     max_connections: int = 1024) -> type[asyncio.Protocol]:
     class GuardedHttpTools(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._refusal: tuple[int, str] | None = None
             self._header_timer: asyncio.TimerHandle | None = None
+            if len(self.connections) > max_connections:
+                self._send_error(503, f"More than {max_connections} open connections "
+                                      "(`cifarlab serve --max-connections`); retry shortly.")
+                return
             # idle from the start: closed after the keep-alive timeout unless a request begins
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler)
@@ -99,7 +106,7 @@ def guarded_protocol(max_header_bytes: int, max_headers: int,
         def _send_error(self, status: int, message: str) -> None:
             body = json.dumps({"error": message, "status": status}).encode()
             reason = {400: "Bad Request", 408: "Request Timeout",
-                      431: "Request Header Fields Too Large"}[status]
+                      431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
             head: list[Any] = [f"HTTP/1.1 {status} {reason}\r\n".encode()]
             for name, value in self.server_state.default_headers:
                 head.extend([name, b": ", value, b"\r\n"])
