@@ -74,7 +74,7 @@ class JsonParser:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     async def parse(self, state: ServerState, header: bytes, binary: bytes) -> V2Request:
