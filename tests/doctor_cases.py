@@ -45,8 +45,11 @@ def smooth_images(n_per_class: int, seed: int = 0, size: int = SIZE,
 
 class SmallCNN(nn.Module):
     def __init__(self, c: int = N_CLASSES, softmax: bool = False, dropout_always: bool = False,
-                 zero_init: bool = False):
+                 zero_init: bool = False, log_softmax: bool = False, norm_input: bool = False,
+                 head_scale: float = 1.0):
         super().__init__()
+        self.norm_in = nn.BatchNorm2d(3) if norm_input else nn.Identity()
+        self.log_softmax = log_softmax
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(16)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
@@ -56,14 +59,19 @@ class SmallCNN(nn.Module):
         if zero_init:
             for p in self.parameters():
                 nn.init.zeros_(p)
+        if head_scale != 1.0:
+            with torch.no_grad():
+                self.fc.weight.mul_(head_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(self.norm_in(x)))), 2)
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         if self.dropout_always:
             x = F.dropout(x, 0.5, training=True)
         x = self.fc(x)
+        if self.log_softmax:
+            return x.log_softmax(1)
         return x.softmax(1) if self.softmax else x
 
 
@@ -106,7 +114,10 @@ def _norm(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor
 
 def subject(model_fn: Callable[[], nn.Module] = SmallCNN, opt: str = "sgd", lr: float = 0.05,
             wd: float = 5e-4, images_fn=None, labels_fn=None, feed_fn=None, step_fn=default_step,
-            optimizer_params=None, test_leak: int = 0) -> Subject:
+            optimizer_params=None, test_leak: int = 0, mirrored_leak: int = 0,
+            conflicting_copies: int = 0, loss_fn: Callable[..., torch.Tensor] | None = None,
+            val_feed_fn=None, sorted_loader: bool | None = None, momentum: float = 0.9
+            ) -> Subject:
     tr_x, tr_y, va_x, va_y, te_x, te_y = _data()
     if images_fn is not None:
         tr_x = images_fn(tr_x)
@@ -115,10 +126,22 @@ def subject(model_fn: Callable[[], nn.Module] = SmallCNN, opt: str = "sgd", lr: 
     if test_leak:
         tr_x = np.concatenate([tr_x, te_x[:test_leak]])
         tr_y = np.concatenate([tr_y, te_y[:test_leak]])
+    if mirrored_leak:  # test images, mirrored, in training: the exact hash cannot see them
+        tr_x = np.concatenate([tr_x, te_x[:mirrored_leak, :, ::-1]])
+        tr_y = np.concatenate([tr_y, te_y[:mirrored_leak]])
+    if conflicting_copies:  # a folder copied into another class
+        tr_x = np.concatenate([tr_x, tr_x[:conflicting_copies]])
+        tr_y = np.concatenate([tr_y, (tr_y[:conflicting_copies] + 1) % N_CLASSES])
     mean = tr_x.reshape(-1, 3).mean(0) / 255
     std = tr_x.reshape(-1, 3).std(0) / 255
     feed = feed_fn or (lambda imgs: _norm(imgs, mean, std))
-    x, vx = feed(tr_x), feed(va_x)
+    x, vx = feed(tr_x), (val_feed_fn or feed)(va_x)
+    loader = None
+    if sorted_loader is not None:  # the user's own loader, in stored (label) order or shuffled
+        order = np.argsort(tr_y, kind="stable") if sorted_loader else \
+            np.random.default_rng(2).permutation(len(tr_y))
+        loader = [(x[order[i:i + 16]], torch.from_numpy(tr_y[order[i:i + 16]]))
+                  for i in range(0, len(order), 16)]
     torch.manual_seed(0)
     template = model_fn()
 
@@ -128,12 +151,14 @@ def subject(model_fn: Callable[[], nn.Module] = SmallCNN, opt: str = "sgd", lr: 
 
     params = optimizer_params(template) if optimizer_params else template.parameters()
     optimizer: torch.optim.Optimizer = (
-        torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd) if opt == "sgd"
+        torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd) if opt == "sgd"
         else torch.optim.Adam(params, lr=lr, weight_decay=wd))
     return Subject(model=template, train_x=x, train_y=torch.from_numpy(tr_y), num_classes=N_CLASSES,
+                   loss_fn=loss_fn or nn.CrossEntropyLoss(),
                    optimizer=optimizer, val_x=vx, val_y=torch.from_numpy(va_y),
                    make_model=make_model, step_fn=step_fn, images=tr_x, test_images=te_x,
-                   mean=mean.tolist(), std=std.tolist())
+                   labels_all=tr_y, test_labels=te_y, mean=mean.tolist(), std=std.tolist(),
+                   loader=loader)
 
 
 def _no_zero_grad(model, optimizer, loss_fn, x, y):
@@ -196,6 +221,16 @@ def cases() -> list[Case]:
         Case("healthy-mlp", lambda: subject(MLP, lr=0.02)),
         Case("healthy-cnn-nowd", lambda: subject(wd=0.0, lr=0.03)),
         Case("healthy-cnn-adam-wd", lambda: subject(opt="adam", lr=1e-3, wd=5e-4)),
+        Case("healthy-log-softmax-nll",
+             lambda: subject(lambda: SmallCNN(log_softmax=True), loss_fn=nn.NLLLoss())),
+        # log-softmax then cross-entropy: the same loss and gradients (log-softmax is
+        # idempotent), so no alarm
+        Case("healthy-log-softmax-ce", lambda: subject(lambda: SmallCNN(log_softmax=True))),
+        # BatchNorm as the first layer standardizes inputs of any scale: [0, 1] is fine
+        Case("healthy-bn-first-unit-range",
+             lambda: subject(lambda: SmallCNN(norm_input=True),
+                             feed_fn=lambda im: torch.from_numpy(im).float().permute(0, 3, 1, 2)
+                             / 255)),
         # bugs
         Case("shuffled-labels", lambda: subject(labels_fn=_shuffle), {"no-label-signal"}),
         Case("unnormalized-inputs",
@@ -230,6 +265,22 @@ def cases() -> list[Case]:
              {"stacked-linear"}),
         Case("dropout-at-eval", lambda: subject(lambda: SmallCNN(dropout_always=True)),
              {"nondeterministic-eval"}),
+        Case("healthy-shuffled-loader", lambda: subject(sorted_loader=False)),
+        Case("unshuffled-loader", lambda: subject(sorted_loader=True), {"data-order"}),
+        Case("val-not-normalized",
+             lambda: subject(val_feed_fn=lambda im: torch.from_numpy(im).float()
+                             .permute(0, 3, 1, 2) / 255), {"split-mismatch"}),
+        Case("momentum-0.999", lambda: subject(momentum=0.999),
+             {"momentum-high", "lr-too-high", "nonfinite-loss", "exploding-gradients",
+              "update-ratio", "plateau", "cannot-overfit"}),
+        Case("nll-on-raw-logits", lambda: subject(loss_fn=nn.NLLLoss()), {"nll-input"}),
+        Case("softmax-then-nll", lambda: subject(lambda: SmallCNN(softmax=True),
+                                                 loss_fn=nn.NLLLoss()), {"nll-input"}),
+        Case("huge-head-init", lambda: subject(lambda: SmallCNN(head_scale=1e4)),
+             {"initial-loss"}),
+        Case("mirrored-test-in-train", lambda: subject(mirrored_leak=20), {"near-duplicates"}),
+        Case("class-folder-copied", lambda: subject(conflicting_copies=24),
+             {"label-conflict", "duplicates-within"}),
         Case("params-not-in-optimizer",
              lambda: subject(optimizer_params=lambda m: [p for n, p in m.named_parameters()
                                                          if not n.startswith("fc")]),

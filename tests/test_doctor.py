@@ -37,6 +37,8 @@ def test_seeded_case(case: Case):
     if case.expect:
         assert alarms & case.expect, (case.name, report.to_text())
         assert alarms <= case.expect, ("alarm outside the bug's checks", report.to_text())
+        # the first finding a user reads names the cause (or a rule counted as catching it)
+        assert report.ranked()[0].rule in case.expect, report.to_text()
         assert report.exit_code() == (1 if report.worst >= Severity.ERROR else 0)
     else:
         assert not alarms, report.to_text()
@@ -138,3 +140,19 @@ def test_near_duplicates_found_mirrored_and_brightened():
     pairs = {(j, i): m for j, i, _, m in near_duplicates(train_x, test)}
     assert pairs.get((0, 7)) is True and pairs.get((1, 11)) is False
     assert len(pairs) == 2
+
+
+def test_output_kind_and_range_test_blow_up_for_losses_of_any_sign():
+    from cifarlab.doctor.behaviour import _blown_up
+    from cifarlab.doctor.checks_model import output_kind
+
+    logits = torch.randn(8, 5) * 3
+    assert output_kind(logits) == "scores"
+    assert output_kind(logits.softmax(1)) == "probabilities"
+    assert output_kind(logits.log_softmax(1)) == "log-probabilities"
+    assert output_kind(torch.randn(8)) is None
+    # a positive loss: 4x its minimum is a blow-up (Smith's rule)
+    assert _blown_up(2.1, 0.5, 2.3) and not _blown_up(1.9, 0.5, 2.3)
+    # a loss that went negative: judged by the distance fallen from the start, not by sign
+    assert not _blown_up(-4.0, -5.0, 0.0)  # near its minimum: 4x "minimum" would say blown
+    assert _blown_up(12.0, -5.0, 0.0)

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cifarlab.serve import ServeSettings, create_app
+from cifarlab.serve.app import ServeSettings, create_app
 from helpers import CIFARLAB, free_port, png_bytes, serving
 
 

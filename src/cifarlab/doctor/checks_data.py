@@ -61,6 +61,8 @@ def data_checks(s: Subject, report: Report) -> None:
                    f"per-channel std is {float(ch_std.max()):.4f} (normalized inputs have std "
                    "≈ 1; /255 applied twice gives ≈ 0.001)", value=float(ch_std.max()),
                    threshold=0.05)
+    elif _normalizes_first(s.model):
+        pass  # a normalization layer first: it standardizes whatever scale the inputs have
     elif ((ch_std < 0.5) | (ch_std > 2)).any():
         report.add("input-std", Severity.WARNING,
                    f"per-channel std after normalization {_fmt(ch_std)} (expected within "
@@ -88,6 +90,79 @@ def data_checks(s: Subject, report: Report) -> None:
         report.add("blank-images", Severity.WARNING,
                    f"{n} of {total} training images are constant", count=n, total=total)
     _duplicate_checks(s, report)
+    _split_checks(s, report, x)
+    _loader_checks(s, report, x)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.nan_to_num(x.float())
+    dims = (0, 2, 3) if x.ndim == 4 else (0,)
+    return x.mean(dim=dims), x.std(dim=dims)
+
+
+def _mismatch(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """How two samples' per-channel statistics differ, if far beyond sampling noise: means
+    apart by more than half a standard deviation, or standard deviations apart by 2×."""
+    ma, sa = _channel_stats(a)
+    mb, sb = _channel_stats(b)
+    if ma.shape != mb.shape:
+        return None
+    scale = torch.maximum(sa, sb).clamp_min(1e-6)
+    gap = float(((ma - mb).abs() / scale).max())
+    ratio = float(torch.maximum(sa / sb.clamp_min(1e-12), sb / sa.clamp_min(1e-12)).max())
+    if gap > 0.5 or ratio > 2.0:
+        return (f"per-channel mean {_fmt(ma)} vs {_fmt(mb)}, std {_fmt(sa)} vs {_fmt(sb)} "
+                f"(means {gap:.2f} std apart, stds up to {ratio:.2f}× apart)")
+    return None
+
+
+def _split_checks(s: Subject, report: Report, x: torch.Tensor) -> None:
+    """Validation data fed as the training data is (same transform, same statistics)."""
+    if s.val_x is None or len(s.val_x) < 32:
+        return
+    report.checks_run.append("split-mismatch")
+    why = _mismatch(x, s.val_x[:4096])
+    if why:
+        report.add("split-mismatch", Severity.WARNING,
+                   f"training vs validation inputs: {why}", split="validation")
+
+
+def _loader_checks(s: Subject, report: Report, x: torch.Tensor, max_batches: int = 20) -> None:
+    """What the user's own loader yields: shuffled batches, preprocessed as the data the
+    doctor was given (and as validation)."""
+    if s.loader is None:
+        return
+    report.checks_run += ["data-order", "split-mismatch"]
+    xs, ys = [], []
+    for k, batch in enumerate(s.loader):
+        if k >= max_batches:
+            break
+        xs.append(torch.as_tensor(batch[0]).float().cpu())
+        ys.append(torch.as_tensor(batch[1]).long().cpu().flatten())
+    if len(ys) < 2:
+        return
+    c = s.num_classes
+    distinct = float(np.mean([len(torch.unique(y)) for y in ys]))
+    labels = np.asarray(s.labels_all if s.labels_all is not None
+                        else s.train_y.numpy()).astype(np.int64)
+    counts = np.bincount(labels[(labels >= 0) & (labels < c)], minlength=c)[:c]
+    p = counts / max(1, counts.sum())
+    b = float(np.median([len(y) for y in ys]))
+    expected = float(np.sum(1 - (1 - p) ** b))  # distinct classes in a random batch of b
+    if expected >= 2 and distinct < 0.5 * expected:
+        report.add("data-order", Severity.WARNING,
+                   f"the loader's first {len(ys)} batches hold {distinct:.1f} distinct classes "
+                   f"on average; shuffled batches of {b:.0f} would hold about {expected:.1f}",
+                   value=distinct, threshold=0.5 * expected, batches=len(ys))
+    fed = torch.cat(xs)
+    if fed.shape[1:] == x.shape[1:]:
+        ref = s.val_x[:4096] if s.val_x is not None else x
+        why = _mismatch(fed, ref)
+        if why:
+            report.add("split-mismatch", Severity.WARNING,
+                       "the loader's training batches vs "
+                       f"{'validation' if s.val_x is not None else 'the data given'}: {why}",
+                       split="loader")
 
 
 def _fmt(t: torch.Tensor) -> str:
@@ -122,6 +197,17 @@ def _blank_count(s: Subject, x: torch.Tensor) -> tuple[int, int] | None:
     return (n, total) if n else None
 
 
+def _normalizes_first(model: Any) -> bool:
+    """Whether the model's first layer with parameters is a normalization layer."""
+    from torch import nn
+
+    for m in model.modules():
+        if next(m.parameters(recurse=False), None) is not None:
+            return isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                                  nn.modules.instancenorm._InstanceNorm))
+    return False
+
+
 def _duplicate_checks(s: Subject, report: Report) -> None:
     if s.images is None and s.pixel_sha256 is None:
         return
@@ -134,12 +220,24 @@ def _duplicate_checks(s: Subject, report: Report) -> None:
         report.add("duplicates-within", Severity.WARNING,
                    f"{len(groups)} groups of identical training images ({extra} extra copies), "
                    f"e.g. {names[0]}", count=extra, groups=names)
+        labels = s.labels_all
+        if labels is not None and len(labels) == len(tr):
+            conflicts = [g for g in groups if len({int(labels[int(i)]) for i in g}) > 1]
+            if conflicts:
+                shown = [[f"{_name(s.filenames, int(i))} ({_label(s, int(labels[int(i)]))})"
+                          for i in g[:3]] for g in conflicts[:5]]
+                report.add("label-conflict", Severity.ERROR,
+                           f"{len(conflicts)} groups of identical training images carry "
+                           f"different labels, e.g. {shown[0]}", count=len(conflicts),
+                           groups=shown)
+    exact: set[int] = set()  # test rows already reported as exact copies
     te = s.test_pixel_sha256
     if te is None and s.test_images is not None:
         te = sha256_rows(s.test_images)
     if te is not None and len(te):
         hit = train_rows_of(te, tr, s.fingerprints)
         leaks = np.flatnonzero(hit >= 0)
+        exact = {int(j) for j in leaks}
         if len(leaks):
             pairs = [[_name(s.test_filenames, int(j)), _name(s.filenames, int(hit[j]))]
                      for j in leaks[:10]]
@@ -149,14 +247,39 @@ def _duplicate_checks(s: Subject, report: Report) -> None:
                        count=len(leaks), pairs=pairs)
     if s.test_images is not None and s.images is not None and len(s.test_images):
         report.checks_run.append("near-duplicates")
-        near = near_duplicates(s.images, s.test_images)
+        near = [p for p in near_duplicates(s.images, s.test_images) if p[0] not in exact]
         if near:
-            shown = [{"test": _name(s.test_filenames, j), "train": _name(s.filenames, i),
-                      "similarity": round(c, 4), "mirrored": m} for j, i, c, m in near[:20]]
-            report.add("near-duplicates", Severity.INFO,
-                       f"{len(near)} test images match a training image with correlation ≥ "
-                       f"0.98 (mirrored or brightness-shifted copies included); suspects, not "
-                       f"proof: e.g. {shown[0]}", count=len(near), pairs=shown)
+            # Copies (mirrored, brightness-shifted or re-encoded, correlation >= 0.999) are
+            # leaks; closer-than-usual matches below that are suspects (real datasets have
+            # some: ciFAIR found them in CIFAR's test set).
+            copies = [p for p in near if p[2] >= 0.999]
+            pairs_shown = [{"test": _name(s.test_filenames, j), "train": _name(s.filenames, i),
+                      "similarity": round(c, 4), "mirrored": m}
+                     for j, i, c, m in (copies or near)[:20]]
+            labels, test_labels = s.labels_all, s.test_labels
+            conflicting = 0
+            if labels is not None and test_labels is not None:
+                conflicting = sum(int(labels[i]) != int(test_labels[j]) for j, i, _, _ in copies)
+            if copies:
+                report.add("near-duplicates", Severity.WARNING,
+                           f"{len(copies)} test images are copies of training images once "
+                           f"mirrored or brightness-shifted (correlation ≥ 0.999; the exact-hash "
+                           f"check cannot see them), e.g. test {pairs_shown[0]['test']} = train "
+                           f"{pairs_shown[0]['train']}"
+                           + (f"; {conflicting} of the pairs have different labels"
+                              if conflicting else "")
+                           + f"; {len(near) - len(copies)} more close matches (≥ 0.98)",
+                           count=len(copies), pairs=pairs_shown, conflicting_labels=conflicting)
+            else:
+                report.add("near-duplicates", Severity.INFO,
+                           f"{len(near)} test images match a training image with correlation "
+                           f"≥ 0.98 (not copies: < 0.999); suspects, not proof: e.g. "
+                           f"{pairs_shown[0]}", count=len(near), pairs=pairs_shown)
+
+
+def _label(s: Subject, k: int) -> str:
+    names = getattr(s, "class_names", None)
+    return str(names[k]) if names is not None and 0 <= k < len(names) else str(k)
 
 
 def _name(names: Any, i: int) -> str:

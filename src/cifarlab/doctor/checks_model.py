@@ -1,5 +1,6 @@
 """Preflight checks on the model and its wiring: parameters missing from the optimizer, frozen
-layers, softmax or log-softmax in front of cross-entropy, linear layers with nothing between."""
+layers, outputs that do not fit the loss (probabilities into cross-entropy; anything but
+log-probabilities into NLLLoss), linear layers with nothing between."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from torch import nn
 from cifarlab.doctor.findings import Report, Severity
 from cifarlab.doctor.subject import Subject
 
-__all__ = ["is_cross_entropy", "model_checks"]
+__all__ = ["is_cross_entropy", "is_nll", "model_checks", "output_kind"]
 
 
 def model_checks(s: Subject, report: Report) -> None:
     model = s.fresh_model()
     report.checks_run += ["params-not-in-optimizer", "frozen-layer", "softmax-before-ce",
-                          "stacked-linear"]
+                          "nll-input", "stacked-linear", "momentum-high"]
+    _momentum_check(s, report)
     if s.optimizer is not None:
         in_opt = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in s.model.named_parameters()
@@ -47,18 +49,27 @@ def model_checks(s: Subject, report: Report) -> None:
     finally:
         for h in hooks:
             h.remove()
-    if is_cross_entropy(s.loss_fn) and out.ndim == 2 and out.shape[1] > 1:
-        sums = out.sum(1)
-        if (out >= 0).all() and (out <= 1).all() and torch.allclose(sums, torch.ones_like(sums),
-                                                                       atol=1e-3):
-            report.add("softmax-before-ce", Severity.ERROR,
-                       "model outputs are probabilities (each row sums to 1) and go into "
-                       "CrossEntropyLoss", value=float(sums.mean()))
-        elif (out <= 1e-6).all() and torch.allclose(torch.logsumexp(out, 1),
-                                                   torch.zeros_like(sums), atol=1e-3):
-            report.add("softmax-before-ce", Severity.ERROR,
-                       "model outputs are log-probabilities (logsumexp = 0) and go into "
-                       "CrossEntropyLoss", value=float(torch.logsumexp(out, 1).mean()))
+    kind = output_kind(out)
+    if is_cross_entropy(s.loss_fn) and kind == "probabilities":
+        report.add("softmax-before-ce", Severity.ERROR,
+                   "model outputs are probabilities (each row sums to 1) and go into "
+                   "CrossEntropyLoss", value=float(out.sum(1).mean()))
+    elif is_cross_entropy(s.loss_fn) and kind == "log-probabilities":
+        report.add("log-softmax-before-ce", Severity.INFO,
+                   "model outputs are log-probabilities (logsumexp = 0) and go into "
+                   "CrossEntropyLoss: harmless, the loss and gradients are unchanged",
+                   value=float(torch.logsumexp(out, 1).mean()))
+    elif is_nll(s.loss_fn) and kind == "probabilities":
+        report.add("nll-input", Severity.ERROR,
+                   "model outputs are probabilities (each row sums to 1: softmax) and go into "
+                   "NLLLoss, which expects log-probabilities", value=float(out.sum(1).mean()),
+                   got="probabilities")
+    elif is_nll(s.loss_fn) and kind == "scores":
+        report.add("nll-input", Severity.ERROR,
+                   f"model outputs are raw scores (logsumexp ≈ "
+                   f"{float(torch.logsumexp(out, 1).mean()):.3g}, not 0) and go into NLLLoss, "
+                   "which expects log-probabilities: the loss is unbounded below",
+                   value=float(torch.logsumexp(out, 1).mean()), got="scores")
     for (a, _, a_out), (b, b_in, _) in itertools.pairwise(order):
         if a_out.shape == b_in.shape and torch.equal(a_out, b_in):
             report.add("stacked-linear", Severity.WARNING,
@@ -68,3 +79,40 @@ def model_checks(s: Subject, report: Report) -> None:
 
 def is_cross_entropy(loss_fn: Any) -> bool:
     return isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy
+
+
+def is_nll(loss_fn: Any) -> bool:
+    return isinstance(loss_fn, nn.NLLLoss) or loss_fn is F.nll_loss
+
+
+def output_kind(out: torch.Tensor) -> str | None:
+    """What a classifier's N×C output is: ``probabilities`` (rows in [0, 1] summing to 1),
+    ``log-probabilities`` (logsumexp 0), ``scores`` (anything else), or None (not N×C)."""
+    if out.ndim != 2 or out.shape[1] < 2 or not torch.isfinite(out).all():
+        return None
+    sums = out.sum(1)
+    if (out >= 0).all() and (out <= 1).all() and torch.allclose(sums, torch.ones_like(sums),
+                                                                   atol=1e-3):
+        return "probabilities"
+    if (out <= 1e-6).all() and torch.allclose(torch.logsumexp(out, 1), torch.zeros_like(sums),
+                                              atol=1e-3):
+        return "log-probabilities"
+    return "scores"
+
+
+def _momentum_check(s: Subject, report: Report) -> None:
+    if s.optimizer is None:
+        return
+    for g in s.optimizer.param_groups:
+        m = g.get("momentum")
+        betas = g.get("betas")
+        value = float(m) if isinstance(m, (int, float)) else \
+            float(betas[0]) if isinstance(betas, (tuple, list)) and betas else None
+        if value is not None and value > 0.99:
+            name = "momentum" if isinstance(m, (int, float)) else "beta1"
+            report.add("momentum-high", Severity.WARNING,
+                       f"{name} is {value:g} (above 0.99: the step averages over "
+                       f"{1 / (1 - value):.0f} past gradients)" if value < 1 else
+                       f"{name} is {value:g}: the step never forgets a gradient",
+                       value=value, threshold=0.99)
+            return

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RULES", "Finding", "Report", "Rule", "Severity"]
+__all__ = ["RULES", "Finding", "Report", "Rule", "Severity", "tier_of"]
 
 IVANOV = "Ivanov, '37 Reasons why your Neural Network is not working' (2017)"
 KARPATHY = "Karpathy, 'A Recipe for Training Neural Networks' (2019)"
@@ -89,9 +89,22 @@ RULES: dict[str, Rule] = {r.id: r for r in [
        "Exact copies of test images are in the training split (by SHA-256 of decoded pixels), "
        "so test accuracy overstates generalization.",
        "Remove the copies from training (`cifarlab data dupes` lists them).", BARZ),
-    _r("near-duplicates", "Near-duplicate train/test pairs (suspects)",
-       "Test images closely match training images (mirrored, brightness-shifted or re-encoded).",
-       "Look at the pairs; ciFAIR replaced such test images with new ones.", BARZ),
+    _r("near-duplicates", "Test images are transformed copies of training images",
+       "Test images match training images once mirrored, brightness-shifted or re-encoded; the "
+       "exact-hash check cannot see them. Copies (correlation at least 0.999) are leaks; "
+       "close matches below that are suspects, as in ciFAIR.",
+       "Remove the copies from training; look at the suspects (ciFAIR replaced such test "
+       "images with new ones).", BARZ),
+    _r("split-mismatch", "Validation inputs are preprocessed differently from training",
+       "The splits' per-channel statistics differ far beyond sampling noise: a different "
+       "normalization (or none) for validation or test, or training data that passes through "
+       "a transform the others skip.",
+       "Preprocess every split with the same transform and the training split's statistics.",
+       IVANOV),
+    _r("data-order", "Training batches are not shuffled",
+       "The loader yields the data in stored order (often sorted by label), so each batch "
+       "holds only a few classes and the model chases the latest class.",
+       "Shuffle the training data every epoch (DataLoader(..., shuffle=True)).", IVANOV),
     # ----------------------------------------------------------------------------- model
     _r("params-not-in-optimizer", "Trainable parameters are missing from the optimizer",
        "The optimizer was built before a layer was added, or from a subset of the parameters.",
@@ -102,6 +115,20 @@ RULES: dict[str, Rule] = {r.id: r for r in [
     _r("softmax-before-ce", "Softmax or log-softmax in front of CrossEntropyLoss",
        "CrossEntropyLoss applies log-softmax itself; a second one squashes the gradients.",
        "Return raw logits from the model; apply softmax only for reporting.", IVANOV),
+    _r("log-softmax-before-ce", "Log-softmax in front of CrossEntropyLoss (harmless)",
+       "CrossEntropyLoss applies log-softmax itself; log-softmax is idempotent, so the loss and "
+       "its gradients are exactly those of the raw logits.",
+       "Nothing to fix; returning raw logits saves one operation.", IVANOV),
+    _r("nll-input", "NLLLoss is not fed log-probabilities",
+       "NLLLoss expects log-probabilities (log_softmax output). Fed raw scores it is unbounded "
+       "below (the loss falls forever by inflating one logit); fed probabilities (softmax) its "
+       "gradients are squashed and it is never below -1.",
+       "Apply log_softmax before NLLLoss, or return raw logits and use CrossEntropyLoss.",
+       IVANOV),
+    _r("label-conflict", "Identical images with different labels",
+       "The same image (by SHA-256 of its decoded pixels, or a mirrored or brightness-shifted "
+       "copy) carries different labels: a folder copied into another class, or label noise.",
+       "Decide each image's label and remove the other copies (`cifarlab data dupes`).", BARZ),
     _r("stacked-linear", "Stacked linear layers with no nonlinearity between them",
        "Two linear maps in a row collapse into one; the extra layer adds nothing.",
        "Put an activation (ReLU/GELU) between the layers, or merge them.", IVANOV),
@@ -143,6 +170,10 @@ RULES: dict[str, Rule] = {r.id: r for r in [
        "Training will be very slow or stall.", "Raise the learning rate towards the suggestion.",
        SMITH),
     _r("lr-suggestion", "LR range test", "", "", SMITH),
+    _r("momentum-high", "Momentum is too high",
+       "With momentum (or Adam's beta1) above 0.99 the step averages over more than 100 past "
+       "gradients: training overshoots and oscillates unless the learning rate is tiny.",
+       "Use momentum 0.9 (beta1 0.9), or lower the learning rate with it.", IVANOV),
     # -------------------------------------------------------------------------- runtime
     _r("nonfinite-loss", "The loss became NaN or Inf",
        "A module produced NaN/Inf: too high a learning rate, a log or division of zero, or "
@@ -180,19 +211,31 @@ RULES: dict[str, Rule] = {r.id: r for r in [
 # Root causes outrank the symptoms they produce: one finding per root cause. Tier 0 are bugs in
 # data, model or training code; tier 1 are diagnoses of hyperparameters or initialization; tier
 # 2 are symptoms. When a lower tier holds an alarm, alarms of higher tiers become notes that say
-# which finding they are probably a consequence of.
+# which finding they are probably a consequence of. A finding may carry its own tier in its
+# evidence ("tier"): evidence decides, so an initial loss thousands of times ln C (direct
+# evidence of a broken scale or init) ranks as a diagnosis, not a symptom, and a learning-rate
+# verdict from a range test that did not behave ranks as a symptom.
 TIERS: dict[str, int] = {
     **dict.fromkeys(["labels-range", "class-missing", "input-nonfinite", "input-unnormalized",
                      "input-scaled-twice", "channel-order", "train-test-leak", "blank-images",
-                     "softmax-before-ce", "stacked-linear", "params-not-in-optimizer",
+                     "softmax-before-ce", "nll-input", "label-conflict",
+                     "log-softmax-before-ce", "stacked-linear", "params-not-in-optimizer",
+                     "split-mismatch", "data-order",
                      "frozen-layer", "wrong-mode", "grad-accumulation", "nondeterministic-eval",
                      "batch-dependence", "label-leak", "class-imbalance", "input-std",
                      "norm-stats-not-train", "duplicates-within", "near-duplicates"], 0),
     **dict.fromkeys(["lr-too-high", "lr-too-low", "no-label-signal", "ignores-input",
+                     "momentum-high",
                      "params-never-change", "nonfinite-loss", "lr-suggestion"], 1),
     **dict.fromkeys(["cannot-overfit", "plateau", "update-ratio", "exploding-gradients",
                      "vanishing-gradients", "dead-channels", "initial-loss"], 2),
 }
+
+
+def tier_of(f: Finding) -> int:
+    """The finding's rank: its own evidence's tier if it carries one, else its rule's."""
+    tier = f.evidence.get("tier")
+    return int(tier) if isinstance(tier, int) else TIERS[f.rule]
 
 
 @dataclass
@@ -252,10 +295,10 @@ class Report:
         alarms = [f for f in self.findings if f.severity >= Severity.WARNING]
         if not alarms:
             return self
-        root_tier = min(TIERS[f.rule] for f in alarms)
-        roots = [f.rule for f in alarms if TIERS[f.rule] == root_tier]
+        root_tier = min(tier_of(f) for f in alarms)
+        roots = [f.rule for f in alarms if tier_of(f) == root_tier]
         for f in alarms:
-            if TIERS[f.rule] > root_tier:
+            if tier_of(f) > root_tier:
                 f.evidence["was"] = str(f.severity)
                 f.evidence["consequence_of"] = roots
                 f.severity = Severity.INFO
@@ -273,8 +316,12 @@ class Report:
         """0 when nothing is an error, 1 otherwise (for CI use)."""
         return 1 if self.worst is not None and self.worst >= Severity.ERROR else 0
 
+    def ranked(self) -> list[Finding]:
+        """Most severe first; among equals, the most basic cause (lowest tier) first."""
+        return sorted(self.findings, key=lambda f: (-f.severity, tier_of(f)))
+
     def to_dict(self) -> dict[str, Any]:
-        ordered = sorted(self.findings, key=lambda f: -f.severity)
+        ordered = self.ranked()
         return {"findings": [f.to_dict() for f in ordered], "checks_run": self.checks_run,
                 "context": _jsonable(self.context), "series": _jsonable(self.series)}
 
@@ -283,7 +330,7 @@ class Report:
 
     def to_text(self) -> str:
         lines = []
-        for f in sorted(self.findings, key=lambda f: -f.severity):
+        for f in self.ranked():
             r = RULES[f.rule]
             lines.append(f"[{f.severity!s:>8}] {r.title}  ({f.rule})")
             lines.append(f"           evidence: {f.message}")

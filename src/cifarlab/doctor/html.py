@@ -89,7 +89,7 @@ def _plots(report: Report) -> list[tuple[str, str]]:
 
 def render_html(report: Report, title: str = "cifarlab doctor") -> str:
     rows = []
-    for f in sorted(report.findings, key=lambda f: -f.severity):
+    for f in report.ranked():
         d = f.to_dict()
         rows.append(
             f"<tr><td class='{d['severity']}'>{d['severity']}</td><td><b>"

@@ -431,6 +431,18 @@ class DoctorMonitor(Callback):
                             f"median update/weight ratio of {n} is {m:.2g} (outside [1e-5, "
                             f"1e-1]); {len(far)} of {len(meds)} layers that far out",
                             value=m, threshold=[1e-5, 1e-1], module=n)
+        elif len(meds) < 3:
+            # In a normalized network most weights feed a normalization layer and are not
+            # judged; one or two judged layers (often just the head) are not a majority, so
+            # they warn only well outside the band (3× beyond it).
+            wide = {n: m for n, m in meds.items() if m > 3e-2 or m < 3e-5}
+            if wide:
+                n, m = max(wide.items(), key=lambda kv: abs(math.log10(kv[1]) + 3))
+                self.report.add("update-ratio", Severity.WARNING,
+                                f"median update/weight ratio of {n} is {m:.2g}, outside "
+                                f"[3e-5, 3e-2] (only {len(meds)} layer(s) judged: the others "
+                                "feed normalization layers)", value=m, threshold=[3e-5, 3e-2],
+                                module=n)
         elif len(out) > len(meds) / 2:
             n, m = max(out.items(), key=lambda kv: abs(math.log10(kv[1]) + 3))
             self.report.add("update-ratio", Severity.WARNING,

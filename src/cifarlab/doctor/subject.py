@@ -7,7 +7,7 @@ cifarlab config and dataset, exactly as :func:`cifarlab.train.train` would feed 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,7 @@ class Subject:
     pixel_sha256: np.ndarray | None = None
     test_images: np.ndarray | None = None
     test_pixel_sha256: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
     filenames: Sequence[str] | None = None
     test_filenames: Sequence[str] | None = None
     # a saved fingerprint index over train then test rows (PreparedData.fingerprint_index):
@@ -73,6 +74,10 @@ class Subject:
     fingerprints: ContentIndex | None = None
     intentionally_frozen: Sequence[str] = ()  # parameter names frozen on purpose
     batch_size: int = 32
+    # the user's own training loader (a DataLoader or any iterable of (x, y) batches): the
+    # doctor reads its first batches to check their order and preprocessing, as training sees
+    # them (the other tensors above are what the user says the data is)
+    loader: Iterable[Any] | None = None
 
     def fresh_model(self) -> nn.Module:
         return self.make_model() if self.make_model is not None else copy.deepcopy(self.model)
@@ -155,7 +160,7 @@ def subject_from_config(config: TrainConfig, data: SplitData, sample: int = 4096
         optimizer=optimizer, val_x=vx, val_y=vy, make_model=make_model, step_fn=step,
         mean=list(data.mean), std=list(data.std), images=full.images,
         labels_all=full.labels, pixel_sha256=full.pixel_sha256,
-        test_images=test.images, test_pixel_sha256=test.pixel_sha256,
+        test_images=test.images, test_pixel_sha256=test.pixel_sha256, test_labels=test.labels,
         filenames=full.filenames, test_filenames=test.filenames,
         fingerprints=fingerprints, intentionally_frozen=frozen, batch_size=32,
     )

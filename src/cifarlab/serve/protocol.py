@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from cifarlab.serve.settings import settings_from_env
 
 __all__ = ["guarded_protocol"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "FromEnv":
-        import os
-
-        from cifarlab.serve.settings import settings_from_env
-
         s = settings_from_env(dict(os.environ))
         return guarded_protocol(s.max_header_bytes, s.max_headers, s.header_timeout,
                                 s.max_connections)
