@@ -38,8 +38,8 @@ from cifarlab.trainer import train
 from cifarlab.tune import load_space
 
 LOSSLESS = Path(__file__).resolve().parents[2] / "shared/datasets/cifar-10-lossless-python.tar.gz"
-# the trainings finished so far on the 2-core EPYC (2026-11-26), committed so the run resumes
-COMMITTED = Path(__file__).resolve().parent / "results" / "fidelity-cpu-partial.json"
+# every training of the run on the 2-core EPYC (2026-11-26), committed so a rerun resumes
+COMMITTED = Path(__file__).resolve().parent / "results" / "fidelity-cpu.json"
 
 
 def configurations(space_file: Path, n: int) -> list[dict]:
