@@ -18,6 +18,7 @@ LAYERS = [
     {"hardware", "imaging", "index", "models"},
     {"data"},
     {"dupes", "callbacks"},
+    {"tblog"},
     {"runs"},
     {"infer"},
     {"loader", "optim"},

@@ -98,15 +98,20 @@ def cli(verbose: bool) -> None:
 @click.option("--no-test", is_flag=True, help="Do not evaluate on the test split at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch table or progress bar.")
 @click.option("--no-doctor", is_flag=True, help="Do not run the doctor's training monitors.")
+@click.option("--tensorboard", is_flag=True,
+              help="Write TensorBoard event files into RUN/tensorboard (losses, accuracy, lr, "
+                   "and what the doctor's monitors saw); needs cifarlab[tensorboard].")
 def train(model: str, recipe: str | None, config_file: Path | None, from_study: Path | None,
           study_baseline: bool, data: Path | None,
           image_size: int | None, skip_bad: bool, runs_dir: Path, name: str | None,
-          no_test: bool, quiet: bool, no_doctor: bool, **overrides: Any) -> None:
+          no_test: bool, quiet: bool, no_doctor: bool, tensorboard: bool,
+          **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
     from cifarlab.callbacks import EpochTable
     from cifarlab.data import load_data
     from cifarlab.doctor import DoctorMonitor
     from cifarlab.runs import RunWriter, default_run_name
+    from cifarlab.tblog import TensorBoardWriter
     from cifarlab.trainer import train as run_training
 
     if config_file is not None and from_study is not None:
@@ -132,7 +137,8 @@ def train(model: str, recipe: str | None, config_file: Path | None, from_study: 
     writer = RunWriter(run_dir)  # refuses a finished run's folder before any work
     split = load_data(cfg.data)
     monitor = None if no_doctor else DoctorMonitor(num_classes=len(split.classes))
-    callbacks = [cb for cb in ([] if quiet else [EpochTable()]) + [monitor, writer] if cb]
+    board = TensorBoardWriter(run_dir / "tensorboard", monitor) if tensorboard else None
+    callbacks = [cb for cb in ([] if quiet else [EpochTable()]) + [monitor, board, writer] if cb]
     result = run_training(cfg, callbacks, data=split, evaluate_test=not no_test,
                           progress=not quiet)
     for label, loss, acc in (("val", result.val_loss, result.val_acc),
@@ -276,13 +282,17 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 @click.option("--val-size", type=click.IntRange(1), default=None,
               help="Validation images taken from train [default: 10% of it, at most 5000].")
 @click.option("-q", "--quiet", is_flag=True, help="No live table of trials.")
+@click.option("--tensorboard", is_flag=True,
+              help="Write each trial's TensorBoard event files into STUDY/tensorboard/ "
+                   "(trial-N, target-N); needs cifarlab[tensorboard].")
 @click.pass_context
 def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_file: Path | None,
          model: str | None, epochs: float | None, train_fraction: float | None, n_trials: int,
          target_epochs: float | None, top_k: int, config_file: Path | None, sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
          devices: str | None, timeout: float | None, seed: int, heartbeat: int,
          data: Path | None,
-         image_size: int | None, skip_bad: bool, val_size: int | None, quiet: bool) -> None:
+         image_size: int | None, skip_bad: bool, val_size: int | None, quiet: bool,
+         tensorboard: bool) -> None:
     """Find hyperparameters by Bayesian optimization of validation loss.
 
     Runs a study (or resumes the one in --study-dir, or joins the one in --storage), prints a
@@ -315,7 +325,7 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
         timeout=timeout, data=cfg, quiet=quiet, heartbeat_interval=heartbeat,
         grace_period=3 * heartbeat, target_epochs=target_epochs, top_k=top_k,
-        base=None if base is None else base.to_dict())
+        base=None if base is None else base.to_dict(), tensorboard=tensorboard)
     study, interrupted = run_study(settings, space, announce=None if quiet else click.echo)
     for line in summarize(study).lines():
         click.echo(line)

@@ -8,6 +8,7 @@ import gc
 import math
 import os
 import socket
+from pathlib import Path
 from typing import Any, NoReturn
 
 import optuna
@@ -18,6 +19,7 @@ from cifarlab.config import TrainConfig
 from cifarlab.doctor.findings import Report
 from cifarlab.doctor.monitor import DoctorMonitor
 from cifarlab.errors import ConfigError
+from cifarlab.tblog import TensorBoardWriter
 from cifarlab.trainer import train
 from cifarlab.tune.interrupt import StopFlag
 from cifarlab.tune.samplers import IMPUTE_ATTR
@@ -43,10 +45,13 @@ class Objective:
     training loss ends the trial at once, as a failure with its reason stored in the study.
     """
 
+    kind = "trial"  # the prefix of each trial's TensorBoard folder
+
     def __init__(self, space: SearchSpace, base: TrainConfig, data: Any, stop: StopFlag,
-                 train_seed: int = 0, check_every: int = 10):
+                 train_seed: int = 0, check_every: int = 10, tensorboard: Path | None = None):
         self.space, self.base, self.data, self.stop = space, base, data, stop
         self.train_seed, self.check_every = train_seed, check_every
+        self.tensorboard = tensorboard  # a folder: each trial writes event files under it
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
         """The trial's training config (a :class:`ConfigError` fails the trial)."""
@@ -62,8 +67,12 @@ class Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         watch = _TrialWatch(trial, self.stop, self.check_every)
         monitor = DoctorMonitor(num_classes=len(self.data.classes))
+        callbacks: list[Callback] = [watch, monitor]
+        if self.tensorboard is not None:
+            callbacks.append(TensorBoardWriter(
+                self.tensorboard / f"{self.kind}-{trial.number}", monitor))
         try:
-            result = train(config, [watch, monitor], data=self.data, evaluate_test=False,
+            result = train(config, callbacks, data=self.data, evaluate_test=False,
                            progress=False)
         except Exception as exc:
             oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
@@ -110,9 +119,12 @@ class TargetObjective(Objective):
     """A trial of the target study: the baseline or a search winner at the target budget (see
     :mod:`cifarlab.tune.target`); ``data`` is the whole training split."""
 
+    kind = "target"
+
     def __init__(self, study: optuna.Study, data: Any, stop: StopFlag, train_seed: int = 0,
-                 device: str = "auto"):
-        super().__init__(study_space(study), study_base(study), data, stop, train_seed)
+                 device: str = "auto", tensorboard: Path | None = None):
+        super().__init__(study_space(study), study_base(study), data, stop, train_seed,
+                         tensorboard=tensorboard)
         self.study, self.device = study, device
 
     def config(self, trial: optuna.Trial) -> TrainConfig:

@@ -56,6 +56,7 @@ class TuneSettings:
     #                             benchmarks that compare against it)
     base: dict[str, Any] | None = None  # the config the study starts from (--config); default
     #                                     the model's recipe
+    tensorboard: bool = False  # each trial writes event files into study_dir/tensorboard/
 
     @property
     def name(self) -> str:

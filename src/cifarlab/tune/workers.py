@@ -227,7 +227,8 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
     prefix = f"w{index} " if settings.workers > 1 else ""
     table = LiveTable(prefix=prefix, quiet=settings.quiet)
     target_table = LiveTable(prefix=prefix, quiet=settings.quiet, target=target)
-    objective = Objective(space, base, data, stop, train_seed=settings.seed)
+    board = settings.study_dir / "tensorboard" if settings.tensorboard else None
+    objective = Objective(space, base, data, stop, train_seed=settings.seed, tensorboard=board)
     target_objective: TargetObjective | None = None
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     table.header()
@@ -248,7 +249,8 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                 if target_objective is None:
                     full = data if space.fidelity.train_fraction == 1.0 else load_data(
                         DataConfig(**{**asdict(base.data), "train_fraction": 1.0}))
-                    target_objective = TargetObjective(study, full, stop, settings.seed, device)
+                    target_objective = TargetObjective(study, full, stop, settings.seed, device,
+                                                       tensorboard=board)
                 target_study.optimize(target_objective, n_trials=1, catch=(Exception,),
                                       callbacks=[target_table], gc_after_trial=False)
                 continue
