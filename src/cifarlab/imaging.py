@@ -28,7 +28,6 @@ __all__ = [
     "UnsupportedImage",
     "decode_image",
     "decoded_bytes",
-    "fit_square",
     "image_header",
     "to_rgb",
 ]
@@ -84,17 +83,6 @@ def to_rgb(img: Image.Image, orient: bool = True) -> Image.Image:
     return img
 
 
-def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Center-crop to a square, then resize to ``size``×``size`` (no-op when already that size)."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    return img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
-
-
 REDUCING_GAP = 3.0  # Pillow's two-step resize: an integer box reduction to >= 3x, then Lanczos
 # what ImageOps.exif_transpose does for each EXIF orientation
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -137,13 +125,13 @@ def _jpeg_scale(width: int, height: int, size: int) -> int:
 def _shrink(img: Image.Image, size: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """The center square of a large image, box-reduced by an integer factor in its own mode
     (before any conversion, so no full-size copy is made), and the box of the result that
-    :func:`fit_square`'s Lanczos step then resizes. The same arithmetic as Pillow's
+    the Lanczos step then resizes. The same arithmetic as Pillow's
     ``resize(reducing_gap=3)`` of the cropped square, so the pixels match."""
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     factor = int(side / size / REDUCING_GAP) or 1
-    if factor == 1:  # small: crop, as fit_square does (Lanczos then sees only the square)
+    if factor == 1:  # small: crop first, so Lanczos sees only the square
         if (w, h) != (side, side):
             img = img.crop((left, top, left + side, top + side))
         return img, (0, 0, side, side)

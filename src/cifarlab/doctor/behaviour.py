@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -133,9 +132,9 @@ def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Ten
 
 
 def _short_train(s: Subject, x: torch.Tensor, y: torch.Tensor, steps: int,
-                 gen: torch.Generator, batch: int = 64, start: bool = False) -> Any:
+                 gen: torch.Generator, batch: int = 64) -> tuple[nn.Module, float, float]:
     """A throw-away model trained for ``steps``; returns it with its mean training loss per
-    sample over the last quarter of the steps (and, with ``start``, over the first quarter)."""
+    sample over the last quarter of the steps and over the first quarter."""
     model = s.fresh_model()
     opt = s.optimizer_for(model)
     early, late = [], []
@@ -146,10 +145,8 @@ def _short_train(s: Subject, x: torch.Tensor, y: torch.Tensor, steps: int,
             early.append(_per_sample(s, loss, batch))
         if k >= steps * 3 // 4:
             late.append(_per_sample(s, loss, batch))
-    fit = float(np.mean(late)) if late else float("nan")
-    if start:
-        return model, fit, float(np.mean(early)) if early else float("nan")
-    return model, fit
+    return (model, float(np.mean(late)) if late else float("nan"),
+            float(np.mean(early)) if early else float("nan"))
 
 
 def _per_sample(s: Subject, loss: torch.Tensor, n: int) -> float:
@@ -181,13 +178,14 @@ def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
     # steps, until the real labels' training loss is clearly below where it started.
     steps = 60
     while True:
-        real_model, real_fit, real_start = _short_train(s, xs, ys, steps, gen, start=True)
+        real_model, real_fit, real_start = _short_train(s, xs, ys, steps, gen)
         if steps >= 480 or not (math.isfinite(real_fit) and math.isfinite(real_start)) or \
                 real_fit < real_start - 0.1 * abs(real_start):
             break
         steps *= 2
-    shuf_model, shuf_fit = _short_train(s, xs, ys[torch.randperm(n, generator=gen)], steps, gen)
-    zero_model, _ = _short_train(s, torch.zeros_like(xs), ys, steps, gen)
+    shuf_model, shuf_fit, _ = _short_train(s, xs, ys[torch.randperm(n, generator=gen)], steps,
+                                           gen)
+    zero_model, _, _ = _short_train(s, torch.zeros_like(xs), ys, steps, gen)
     real, shuffled = _accuracy(real_model, vx, vy), _accuracy(shuf_model, vx, vy)
     zeros = _accuracy(zero_model, vx, vy)
     report.context["label_signal"] = {
@@ -199,7 +197,7 @@ def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
     leak_limit = chance + max(margin, 0.5 * (1 - chance))
     if shuffled > leak_limit:
         # one shuffle can land high by luck on tiny data: a leak must show on a second one too
-        again, _ = _short_train(s, xs, ys[torch.randperm(n, generator=gen)], steps, gen)
+        again, _, _ = _short_train(s, xs, ys[torch.randperm(n, generator=gen)], steps, gen)
         shuffled = min(shuffled, _accuracy(again, vx, vy))
         report.context["label_signal"]["val_acc_shuffled_again"] = shuffled
     if shuffled > leak_limit:

@@ -224,7 +224,7 @@ def _duplicate_checks(s: Subject, report: Report) -> None:
         if labels is not None and len(labels) == len(tr):
             conflicts = [g for g in groups if len({int(labels[int(i)]) for i in g}) > 1]
             if conflicts:
-                shown = [[f"{_name(s.filenames, int(i))} ({_label(s, int(labels[int(i)]))})"
+                shown = [[f"{_name(s.filenames, int(i))} (label {int(labels[int(i)])})"
                           for i in g[:3]] for g in conflicts[:5]]
                 report.add("label-conflict", Severity.ERROR,
                            f"{len(conflicts)} groups of identical training images carry "
@@ -278,11 +278,6 @@ def _duplicate_checks(s: Subject, report: Report) -> None:
                            f"{len(near)} test images match a training image with correlation "
                            f"≥ 0.98 (not copies: < 0.999); suspects, not proof: e.g. "
                            f"{pairs_shown[0]}", count=len(near), pairs=pairs_shown)
-
-
-def _label(s: Subject, k: int) -> str:
-    names = getattr(s, "class_names", None)
-    return str(names[k]) if names is not None and 0 <= k < len(names) else str(k)
 
 
 def _name(names: Any, i: int) -> str:

@@ -131,9 +131,7 @@ class MicroBatcher:
         not fit now (nothing is queued then)."""
         if self._thread is None or self._loop is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
-        if len(images) > self.max_queue:
-            raise TooManyImages(f"{len(images)} images in one request; at most "
-                                f"{self.max_queue} (`cifarlab serve --max-queue`)")
+        self.check_size(len(images))
         if not images:
             return []
         items = [_Item(img, model, self._loop.create_future()) for img in images]
@@ -152,6 +150,13 @@ class MicroBatcher:
             for i in items:  # the client went away or one failed: skip the rest
                 i.future.cancel()
             raise
+
+    def check_size(self, n: int) -> None:
+        """Raise :class:`TooManyImages` if a request of ``n`` images could never be admitted
+        (callers check before decoding, so a refused request costs no work)."""
+        if n > self.max_queue:
+            raise TooManyImages(f"{n} images in one request; at most {self.max_queue} "
+                                "(`cifarlab serve --max-queue`)")
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the forward thread, after the batches already queued."""
@@ -205,6 +210,8 @@ class MicroBatcher:
         for entry in q:
             if not isinstance(entry, _Group) or (model is not None and entry.model is not model):
                 break
+            if len(groups) >= self.max_batch - len(batch):
+                break  # one image from each of these fills the batch: no need to look further
             model = entry.model
             groups.append(entry)
         # with small requests about, no request gets more than fair_share of one forward pass

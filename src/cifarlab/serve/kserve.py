@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from cifarlab import __version__
 from cifarlab.infer import Predictor
 from cifarlab.serve.errors import ApiError, error_responses
-from cifarlab.serve.predict import submit
+from cifarlab.serve.predict import check_count, submit
 from cifarlab.serve.state import ServerState
 from cifarlab.serve.tensors import (
     Output,
@@ -67,10 +67,6 @@ class JsonParser:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=os.nice, initargs=(10,))
         return self._pool
-
-    async def warm(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._get_pool(), parse_request_values, b'{"inputs": []}', b"")
 
     def close(self) -> None:
         if self._pool is not None:
@@ -207,9 +203,7 @@ async def _images(state: ServerState, m: Predictor, req: V2Request) -> list[np.n
             raise ApiError(400, f"Input 'image' must be BYTES (encoded image files), got "
                                 f"{datatype}.")
         files = [(f"image[{i}]", bytes(v)) for i, v in enumerate(value.ravel())]
-        if len(files) > state.settings.max_queue:
-            raise ApiError(413, f"Too many images: {len(files)} in one request; at most "
-                                f"{state.settings.max_queue} (`cifarlab serve --max-queue`).")
+        check_count(state, len(files))
         costs = state.decoder.estimate(files, s)
         return list(await asyncio.gather(*(state.decoder.decode(data, s, n, c)
                                             for (n, data), c in zip(files, costs, strict=True))))

@@ -3,6 +3,8 @@ bodies in flight at once."""
 
 from __future__ import annotations
 
+from urllib.parse import unquote_to_bytes
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifarlab.serve.budget import ByteBudget
@@ -116,8 +118,6 @@ class PathGuard:
 
 
 def _path_problem(raw: bytes) -> str | None:
-    from urllib.parse import unquote_to_bytes
-
     if len(raw) > 2048:
         return "longer than 2048 characters"
     path = unquote_to_bytes(raw)

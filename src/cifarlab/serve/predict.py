@@ -21,7 +21,7 @@ from cifarlab.serve.limits import declared_too_large, limit_receive
 from cifarlab.serve.state import ServerState
 from cifarlab.serve.uploads import parse_uploads
 
-__all__ = ["PREDICT_OPENAPI", "PredictEndpoint", "predict_payload", "submit"]
+__all__ = ["PREDICT_OPENAPI", "PredictEndpoint", "check_count", "predict_payload", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ async def predict_payload(state: ServerState, content_type: str, body: bytes, qu
     shas = [hashlib.sha256(data).hexdigest() for _, data in uploads]
     probs: list[np.ndarray | None] = [state.cache.get((sha, model.version)) for sha in shas]
     misses = [i for i, p in enumerate(probs) if p is None]
+    check_count(state, len(misses))
     costs = state.decoder.estimate([uploads[i] for i in misses], model.image_size)
     images = await asyncio.gather(*(
         state.decoder.decode(uploads[i][1], model.image_size, uploads[i][0], cost)
@@ -65,10 +66,10 @@ async def predict_payload(state: ServerState, content_type: str, body: bytes, qu
     for i, p in zip(misses, computed, strict=True):
         probs[i] = p
         state.cache.put((shas[i], model.version), p)
-    for i in range(len(uploads)):
-        state.metrics.cache(i not in misses)
-    t_end = time.perf_counter()
     missed = set(misses)
+    for i in range(len(uploads)):
+        state.metrics.cache(i not in missed)
+    t_end = time.perf_counter()
     results = [{**model.describe(name, sha, p, top_k), "cached": i not in missed}
                for i, ((name, _), sha, p) in enumerate(zip(uploads, shas, probs, strict=True))
                if p is not None]
@@ -78,6 +79,14 @@ async def predict_payload(state: ServerState, content_type: str, body: bytes, qu
                    "read_ms": round((t_read - t0) * 1000, 3),
                    "predict_ms": round((t_end - t_read) * 1000, 3)},
     }).encode()
+
+
+def check_count(state: ServerState, n: int) -> None:
+    """413 for a request of more images than the queue holds, before any of them is decoded."""
+    try:
+        state.batcher.check_size(n)
+    except TooManyImages as exc:
+        raise ApiError(413, f"Too many images: {exc}.") from None
 
 
 async def submit(state: ServerState, images: list[np.ndarray], model: Predictor) -> list[np.ndarray]:

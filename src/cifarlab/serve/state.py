@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from cifarlab.infer import Predictor
@@ -14,8 +13,6 @@ from cifarlab.serve.settings import ServeSettings
 from cifarlab.serve.uploads import Decoder
 
 __all__ = ["ServerState"]
-
-log = logging.getLogger(__name__)
 
 
 class ServerState:
