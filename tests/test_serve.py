@@ -475,7 +475,12 @@ def test_page_in_headless_chromium(server, run_dir, tmp_path):
         # usable at phone width: nothing wider than the screen
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
-        # keyboard only: Tab reaches the file chooser, and its button shows the focus
+        # keyboard only: Tab reaches the file chooser, and its button shows the focus. The
+        # listener goes on first: Playwright turns on its file-chooser interception
+        # asynchronously, and a key pressed before that opens no interceptable chooser.
+        choosers: list = []
+        page.on("filechooser", lambda c: choosers.append(c))
+        page.wait_for_timeout(200)
         page.focus("body")
         for _ in range(5):
             page.keyboard.press("Tab")
@@ -484,6 +489,7 @@ def test_page_in_headless_chromium(server, run_dir, tmp_path):
         assert page.evaluate("document.activeElement.id") == "file"
         with page.expect_file_chooser() as chooser:
             page.keyboard.press("Enter")
+        assert choosers and choosers[-1].element.get_attribute("id") == "file"
         chooser.value.set_files(str(bad))
         page.wait_for_selector("#status.error")
         assert page.get_attribute("#status", "role") == "alert"

@@ -51,8 +51,9 @@ class ReloadRequest(BaseModel):
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
-    """Build the app. The model loads in the background at start-up; ``/v2/health/ready`` is
-    false until it is in."""
+    """Build the app. With one worker the model loads in the background at start-up and
+    ``/v2/health/ready`` is false until it is in; with several (``state_dir`` set) each worker
+    loads it before it accepts a connection."""
     state = ServerState(settings)
     reloads = Reloads(state)
     parser = JsonParser()
@@ -61,6 +62,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.batcher.start()
         loader = asyncio.create_task(reloads.start())
+        if settings.state_dir is not None:
+            # Several workers share one socket, so a worker that accepted connections before its
+            # model is in would answer 503 while its siblings are ready (and /v2/health/ready,
+            # answered by whichever worker, would not tell). It accepts nothing until loaded.
+            await asyncio.shield(loader)
         try:
             yield
         finally:
