@@ -17,7 +17,47 @@ import click
 from cifarlab import __version__
 from cifarlab.errors import CifarlabError
 
-MODEL_NAMES = ("airnet", "resnet18", "tutorial")  # kept equal to list_models() by a test
+MODEL_HELP = ("A registered model (`cifarlab models`), a .keras file, or a builder: "
+              "FILE.py:function or package.module:function.")
+
+
+class ModelParam(click.ParamType):
+    """``--model``: checked for its form here (cheap: nothing is imported or built)."""
+
+    name = "model"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from cifarlab.builders import model_kind
+
+        try:
+            model_kind(str(value))
+        except CifarlabError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+MODEL = ModelParam()
+
+
+def _model_args(items: tuple[str, ...]) -> dict[str, Any]:
+    """``--model-arg units=256 --model-arg dropout=0.3``: values read as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise CifarlabError(f"--model-arg {item!r}: expected NAME=VALUE, e.g. units=256.")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+_model_arg_option = click.option(
+    "--model-arg", "model_arg", multiple=True, metavar="NAME=VALUE",
+    help="A keyword argument of the model's builder (repeatable), e.g. --model-arg units=256.")
 
 
 def _data_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,7 +97,8 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--model", type=click.Choice(MODEL_NAMES), default="airnet", show_default=True)
+@click.option("--model", type=MODEL, default="airnet", show_default=True, help=MODEL_HELP)
+@_model_arg_option
 @click.option("--recipe", default=None, help="A named recipe of the model (`cifarlab models` "
               "lists them) [default: the model's default recipe].")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
@@ -170,7 +211,10 @@ def _with_options(cfg: Any, data: Path | None, image_size: int | None, skip_bad:
                   overrides: dict[str, Any]) -> Any:
     """The config with the command's options applied, each through the config's own checked
     path (``--lr`` sets ``optim.lr``), then validated."""
+    model_args = _model_args(overrides.pop("model_arg", ()) or ())
     values = {k: v for k, v in overrides.items() if v is not None}
+    if model_args:
+        values["model_args"] = {**cfg.model_args, **model_args}
     if data is not None:
         values["data.source"] = str(data)
     if image_size is not None:
@@ -184,7 +228,8 @@ def _with_options(cfg: Any, data: Path | None, image_size: int | None, skip_bad:
 
 
 @cli.command()
-@click.option("--model", type=click.Choice(MODEL_NAMES), default="airnet", show_default=True)
+@click.option("--model", type=MODEL, default="airnet", show_default=True, help=MODEL_HELP)
+@_model_arg_option
 @click.option("--recipe", default=None, help="A named recipe of the model (`cifarlab models` "
               "lists them) [default: the model's default recipe].")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
@@ -240,8 +285,8 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
               help="Study folder [default: studies/<name>, or studies/study].")
 @click.option("--space", "space_file", type=click.Path(path_type=Path), default=None,
               help="Search space file (.yaml, .yml or .toml) [default: the built-in space].")
-@click.option("--model", type=click.Choice(MODEL_NAMES), default=None,
-              help="Fidelity: model [default: the space file's, or airnet].")
+@click.option("--model", type=MODEL, default=None,
+              help="Fidelity: model [default: the space file's, or airnet]. " + MODEL_HELP)
 @click.option("--epochs", type=float, default=None,
               help="Fidelity: epochs per trial [default: the space file's, or 2].")
 @click.option("--train-fraction", type=float, default=None,
@@ -663,12 +708,35 @@ def data_dupes(data: Path | None, image_size: int | None, skip_bad: bool, by: st
 
 @cli.command("models")
 def models_cmd() -> None:
-    """List the registered models."""
+    """List the registered models (and the other forms --model takes)."""
     from cifarlab.models import get_spec, list_models
 
     for name in list_models():
         spec = get_spec(name)
-        click.echo(f"{name:<10} {spec.description}  [recipes: {', '.join(spec.recipes)}]")
+        click.echo(f"{name:<12} {spec.description}  [recipes: {', '.join(spec.recipes)}]")
+    click.echo("also: --model FILE.keras (a saved Keras model), --model FILE.py:function or "
+               "package.module:function (a builder returning a Keras model or a torch module; "
+               "needs cifarlab[keras] for Keras)")
+
+
+# ------------------------------------------------------------------------------- export
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["keras", "onnx"]), required=True,
+              help="keras: a .keras file plain Keras loads (Keras models); onnx: through "
+                   "torch.onnx (needs cifarlab[onnx]).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output file [default: RUN/model.keras or RUN/model.onnx].")
+def export(run: Path, fmt: str, out: Path | None) -> None:
+    """Write a trained run as a file other tools load. It takes RGB pixels in 0..255 at the
+    run's image size (N×H×W×3 for Keras, N×3×H×W for ONNX) and returns class probabilities;
+    the run's normalization is inside. No test-time augmentation (as `predict --tta 0`)."""
+    from cifarlab.export import export_run
+
+    path = export_run(run, fmt, out)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,8 +76,13 @@ class AugConfig:
 
 @dataclass
 class TrainConfig:
+    # a registered name (`cifarlab models`), a .keras file, or a builder: FILE.py:function or
+    # package.module:function, called with input_shape, num_classes and model_args
     model: str = "airnet"
     width: float = 1.0
+    # keyword arguments of the model's builder (units, layers, dropout...): tunable as
+    # model_args.<name>
+    model_args: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -158,6 +164,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"Invalid configuration: {message}.")
+        for key, value in self.model_args.items():
+            if not (isinstance(key, str) and key.isidentifier()):
+                raise ConfigError(f"Invalid configuration: model_args key {key!r} is not a "
+                                  "Python identifier (the builder's keyword argument).")
+            if not _is_plain(value):
+                raise ConfigError(f"Invalid configuration: model_args.{key} = {value!r}; "
+                                  "use numbers, strings, booleans, null or lists of them.")
         return self
 
 
@@ -199,6 +212,16 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}.")
 
 
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | str) or (
+        isinstance(value, float) and math.isfinite(value))
+
+
+MODEL_ARGS = "model_args."
+
+
 def config_paths() -> dict[str, Any]:
     """Every settable leaf of :class:`TrainConfig` as ``{"optim.lr": default, ...}``."""
     out: dict[str, Any] = {}
@@ -221,6 +244,8 @@ def resolve_key(key: str) -> str:
     paths = config_paths()
     if key in paths:
         return key
+    if key.startswith(MODEL_ARGS) and key[len(MODEL_ARGS):].isidentifier():
+        return key  # a builder keyword: the builder says whether it takes it
     matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]

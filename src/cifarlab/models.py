@@ -16,6 +16,7 @@ from torch import nn
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import ModelError
+from cifarlab.kerasnet import KerasModule, is_keras_model, keras_cnn, keras_dense
 
 __all__ = ["AirNet", "ModelSpec", "create_model", "default_config", "get_spec", "list_models",
            "register"]
@@ -72,16 +73,50 @@ def get_spec(name: str) -> ModelSpec:
         ) from None
 
 
+# The recipe of a model cifarlab did not write (a .keras file, a builder): plain Nesterov SGD at
+# batch 256 with a moderate rate, the tutorial network's recipe, which suits ordinary CNNs and
+# MLPs; tune it from there.
+OWN_MODEL_RECIPE: dict[str, Any] = dict(
+    lr=2.2, momentum=0.9, weight_decay=0.0011, bias_scaler=1.0, label_smoothing=0.0, ema=False,
+    epochs=10.0, batch_size=256)
+
+
+def is_registered(name: str) -> bool:
+    return name in _REGISTRY
+
+
 def default_config(name: str, recipe: str | None = None) -> TrainConfig:
-    """The config for model ``name`` with its default recipe, or the named one."""
+    """The config for model ``name`` with its default recipe, or the named one. A model that is
+    not registered (a file or a builder) starts from :data:`OWN_MODEL_RECIPE`."""
+    if name not in _REGISTRY and _looks_external(name):
+        if recipe is not None:
+            raise ModelError(f"--recipe {recipe!r}: named recipes belong to registered models; "
+                             f"{name} starts from the generic recipe (set values with --config "
+                             "or the options).")
+        return TrainConfig(model=name).with_recipe(OWN_MODEL_RECIPE)
     return TrainConfig(model=name).with_recipe(get_spec(name).recipe_for(recipe))
 
 
+def _looks_external(name: str) -> bool:
+    return name.endswith(".keras") or ":" in name
+
+
 def create_model(
-    name: str, num_classes: int = 10, width: float = 1.0, image_size: int = 32
+    name: str, num_classes: int = 10, width: float = 1.0, image_size: int = 32,
+    model_args: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Build a registered model; an unknown name raises :class:`ModelError` listing valid ones."""
-    return get_spec(name).builder(num_classes=num_classes, width=width, image_size=image_size)
+    """Build a registered model; an unknown name raises :class:`ModelError` listing valid ones.
+    ``model_args`` go to the builder (only the Keras entries take any)."""
+    spec = get_spec(name)
+    try:
+        model = spec.builder(num_classes=num_classes, width=width, image_size=image_size,
+                             **(model_args or {}))
+    except TypeError as exc:
+        if model_args and "keyword argument" in str(exc):
+            raise ModelError(f"model_args {sorted(model_args)}: {name} does not take them "
+                             f"({exc}).") from None
+        raise
+    return KerasModule(model) if is_keras_model(model) else model
 
 
 def _w(base: int, width: float) -> int:
@@ -300,3 +335,14 @@ class ResNet18(nn.Module):
 )
 def resnet18(num_classes: int = 10, width: float = 1.0, image_size: int = 32) -> nn.Module:
     return ResNet18(num_classes, width, image_size)
+
+
+# ----------------------------------------------------------------------------------- keras
+
+# Keras 3 on the PyTorch backend (the optional extra `cifarlab[keras]`): built in
+# cifarlab.kerasnet, trained like any other model here.
+register("keras-dense", "Keras: the original notes' Flatten + Dense model (units, layers, "
+         "dropout)", recipe=dict(OWN_MODEL_RECIPE, lr=1.0, epochs=10.0))(keras_dense)
+register("keras-cnn", "Keras: Conv2D/BatchNormalization/MaxPooling2D blocks + Dense (filters, "
+         "units, dropout)", recipe=dict(OWN_MODEL_RECIPE, lr=4.4, weight_decay=0.0022,
+                                         label_smoothing=0.1, epochs=10.0))(keras_cnn)

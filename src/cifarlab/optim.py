@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from cifarlab.config import TrainConfig
+from cifarlab.errors import ConfigError
+from cifarlab.kerasnet import KerasModule
 
 __all__ = ["QUINTIC", "Lookahead", "Muon", "build_optimizer", "orthogonalize", "triangle_schedule"]
 
@@ -31,11 +33,18 @@ def build_optimizer(
     lr = o.lr / kilostep
     wd = o.weight_decay * o.batch_size / kilostep
     if o.optimizer == "muon":
+        if isinstance(model, KerasModule):
+            raise ConfigError("optim.optimizer muon orthogonalizes PyTorch filter banks "
+                              "(out×in×kH×kW); a Keras model keeps kH×kW×in×out kernels: use "
+                              "optim.optimizer sgd for it.")
         return _build_muon(model, cfg, lr, wd, total_steps)
     norm_biases = [
         m.bias for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
     ]
+    own = getattr(model, "norm_biases", None)  # a Keras model's BatchNormalization offsets
+    if callable(own):
+        norm_biases += own()
     ids = {id(p) for p in norm_biases}
     others = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     groups = [dict(params=others, lr=lr, weight_decay=wd / lr)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cifarlab import __version__
+from cifarlab.builders import model_source, rebuild
 from cifarlab.callbacks import Callback, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.errors import CifarlabError, RunError
 from cifarlab.files import atomic_write, atomic_write_text
 from cifarlab.hardware import INFERENCE_PRECISION
-from cifarlab.models import create_model
+from cifarlab.kerasnet import KerasModule
 
 __all__ = [
     "CONFIG",
@@ -50,10 +52,18 @@ __all__ = [
 CONFIG, WEIGHTS, METRICS, SUMMARY = (
     "config.json", "model.safetensors", "metrics.jsonl", "summary.json",
 )
+KERAS_CONFIG = "keras_model.json"  # a Keras model's own config (JSON, no code), beside CONFIG
 FORMAT = "cifarlab-run-1"
 
 
 def default_run_name(model: str) -> str:
+    """``<model>-<timestamp>``; a file or builder model is named by its file's stem or its
+    function (``nets/small.keras`` -> ``small-...``, ``nets.py:build`` -> ``build-...``)."""
+    if ":" in model:
+        model = model.rpartition(":")[2]
+    elif model.endswith(".keras"):
+        model = Path(model).stem
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-.") or "model"
     return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -83,6 +93,9 @@ class RunWriter(Callback):
                           "".join(json.dumps(r) + "\n" for r in state.history))
 
     def on_train_end(self, state: TrainState, result: TrainResult) -> None:
+        architecture = getattr(result.model, "architecture", None)
+        if callable(architecture):
+            atomic_write_text(self.path / KERAS_CONFIG, json.dumps(architecture()) + "\n")
         weights_sha256 = _write_weights(self.path / WEIGHTS, result.model, result.config.model)
         atomic_write_text(self.path / SUMMARY,
                           json.dumps(_summary(result, weights_sha256), indent=2) + "\n")
@@ -116,6 +129,8 @@ def _summary(result: TrainResult, weights_sha256: str) -> dict[str, Any]:
     return {
         "model": cfg.model,
         "width": cfg.width,
+        "model_source": model_source(cfg),
+        "framework": "keras" if isinstance(result.model, KerasModule) else "torch",
         "parameters": sum(p.numel() for p in result.model.parameters()),
         "weights_sha256": weights_sha256,
         "classes": result.classes,
@@ -225,8 +240,17 @@ def read_run(path: Path | str) -> RunInfo:
 def load_run(path: Path | str) -> LoadedRun:
     """Rebuild a trained model from its run folder alone."""
     info = read_run(path)
-    model = create_model(info.config.model, len(info.classes), info.config.width,
-                         info.image_size)
+    keras_config = None
+    if (info.path / KERAS_CONFIG).exists():
+        try:
+            keras_config = json.loads((info.path / KERAS_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunError(f"{info.path / KERAS_CONFIG}: damaged ({exc}).") from None
+    try:
+        model = rebuild(info.config, len(info.classes), info.image_size, keras_config,
+                        info.summary.get("model_source"))
+    except CifarlabError as exc:
+        raise RunError(f"{info.path}: cannot rebuild its model: {exc}") from None
     try:
         model.load_state_dict(load_file(str(info.path / WEIGHTS)))
     except (SafetensorError, RuntimeError, OSError) as exc:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cifarlab.builders import build_model
 from cifarlab.callbacks import Callback, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData, load_data
@@ -36,8 +37,8 @@ from cifarlab.hardware import (
     resolve_precision,
 )
 from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
+from cifarlab.kerasnet import KerasModule
 from cifarlab.loader import DeviceLoader
-from cifarlab.models import create_model
 from cifarlab.optim import Lookahead, build_optimizer
 
 __all__ = ["train", "training_step"]
@@ -97,8 +98,10 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
 
     torch.manual_seed(config.seed)
     size = data.train.images.shape[1]
-    model = create_model(config.model, len(data.classes), config.width, size).to(device)
-    if config.channels_last:
+    model = build_model(config, len(data.classes), size).to(device)
+    if config.channels_last and not isinstance(model, KerasModule):
+        # (a Keras model keeps its kernels as they are: it lays them out per call itself, and
+        # its channels_last inputs reach it as N×H×W×C views)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     norm = Normalizer(data.mean, data.std, device)
     loader = DeviceLoader(data.train, config, norm, device)

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.builders import build_model
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData
 from cifarlab.hardware import resolve_precision
 from cifarlab.index import ContentIndex
 from cifarlab.infer import Normalizer, to_device_images
-from cifarlab.models import create_model
 from cifarlab.optim import build_optimizer
 from cifarlab.trainer import training_step
 
@@ -129,7 +129,7 @@ def subject_from_config(config: TrainConfig, data: SplitData, sample: int = 4096
 
     def make_model() -> nn.Module:
         torch.manual_seed(config.seed)
-        m = create_model(config.model, n_classes, config.width, size)
+        m = build_model(config, n_classes, size)
         init = getattr(m, "init_from_data", None)
         if callable(init):
             init(whiten_x)
