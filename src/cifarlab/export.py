@@ -83,6 +83,9 @@ def _export_keras(run: LoadedRun, path: Path) -> None:
 class _Exported(nn.Module):
     """The run's model with its preprocessing in front and a softmax behind."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
         super().__init__()
         self.model = model
