@@ -22,7 +22,7 @@ LAYERS = [
     {"runs"},
     {"infer", "export"},
     {"loader", "optim"},
-    {"trainer"},
+    {"trainer", "kerasfit"},
     {"doctor"},
     {"tune", "serve"},
     {"cli"},

@@ -142,10 +142,13 @@ def cli(verbose: bool) -> None:
 @click.option("--tensorboard", is_flag=True,
               help="Write TensorBoard event files into RUN/tensorboard (losses, accuracy, lr, "
                    "and what the doctor's monitors saw); needs cifarlab[tensorboard].")
+@click.option("--engine", type=click.Choice(["cifarlab", "keras"]), default="cifarlab",
+              show_default=True, help="keras: train a Keras model with model.fit on cifarlab's "
+              "batches (no doctor monitors, no weight averaging, whole epochs).")
 def train(model: str, recipe: str | None, config_file: Path | None, from_study: Path | None,
           study_baseline: bool, data: Path | None,
           image_size: int | None, skip_bad: bool, runs_dir: Path, name: str | None,
-          no_test: bool, quiet: bool, no_doctor: bool, tensorboard: bool,
+          no_test: bool, quiet: bool, no_doctor: bool, tensorboard: bool, engine: str,
           **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
     from cifarlab.callbacks import EpochTable
@@ -177,6 +180,13 @@ def train(model: str, recipe: str | None, config_file: Path | None, from_study: 
     run_dir = runs_dir / (name or default_run_name(cfg.model))
     writer = RunWriter(run_dir)  # refuses a finished run's folder before any work
     split = load_data(cfg.data)
+    if engine == "keras":
+        from cifarlab.kerasfit import train_with_keras as run_training
+
+        if tensorboard:
+            raise CifarlabError("--tensorboard goes with the cifarlab engine; with --engine "
+                                "keras add Keras's own keras.callbacks.TensorBoard.")
+        no_doctor = True  # its monitors hook the torch optimizer, which model.fit does not use
     monitor = None if no_doctor else DoctorMonitor(num_classes=len(split.classes))
     board = TensorBoardWriter(run_dir / "tensorboard", monitor) if tensorboard else None
     callbacks = [cb for cb in ([] if quiet else [EpochTable()]) + [monitor, board, writer] if cb]

@@ -36,11 +36,20 @@ class DeviceLoader:
         return len(self.labels) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = torch.randperm(len(self.labels), generator=self.gen).to(self.device)
+        order = self.epoch_order()
         for i in range(len(self)):
-            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self._augment(self.images[idx], idx), self.labels[idx]
+            yield self.batch(order, i)
         self.epoch += 1
+
+    def epoch_order(self) -> torch.Tensor:
+        """A fresh random order of the images, for one epoch."""
+        return torch.randperm(len(self.labels), generator=self.gen).to(self.device)
+
+    def batch(self, order: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i`` of an epoch in ``order``, augmented (random access, for loops that ask
+        for batches by index)."""
+        idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+        return self._augment(self.images[idx], idx), self.labels[idx]
 
     def _augment(self, x8: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         x = self.norm(x8)  # B×C×H×W float

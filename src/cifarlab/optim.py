@@ -7,6 +7,7 @@ decay per 1024 examples independent of ``lr``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,6 +86,12 @@ def triangle_schedule(
     opt: torch.optim.Optimizer, cfg: TrainConfig, total: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from ``lr_start`` to 1 over ``warmup_frac``, then linear to ``lr_end``."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg, total))
+
+
+def schedule_factor(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """The triangular schedule's multiplier of the peak rate at each step (also what
+    ``--engine keras`` gives Keras's optimizer)."""
     o = cfg.optim
     peak = max(1, int(o.warmup_frac * total))
 
@@ -93,7 +100,7 @@ def triangle_schedule(
             return o.lr_start + (1 - o.lr_start) * step / peak
         return 1 + (o.lr_end - 1) * min(1.0, (step - peak) / max(1, total - peak))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor
 
 
 class Lookahead:
