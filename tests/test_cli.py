@@ -96,7 +96,7 @@ def test_user_errors_are_clean_messages(tmp_path, capsys):
     code, _, err = call(capsys, "data", "info", "--data", str(tmp_path / "nowhere"))
     assert code == 3 and "nowhere: no such file or folder" in err
     code, _, err = call(capsys, "train", "--model", "vgg")
-    assert code == 2 and "'vgg' is not one of" in err
+    assert code == 2 and "Unknown model 'vgg'" in err and "a .keras file, or a builder" in err
     code, _, err = call(capsys, "evaluate", str(tmp_path))
     assert code == 4 and "missing config.json" in err
     code, _, err = call(capsys, "train", "--data", str(tmp_path), "--epochs", "-1")

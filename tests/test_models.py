@@ -12,7 +12,7 @@ def test_registry_lists_the_models():
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(ModelError, match="valid models are: airnet, resnet18, tutorial"):
+    with pytest.raises(ModelError, match="valid models are: airnet, keras-cnn, keras-dense, resnet18, tutorial"):
         create_model("vgg")
 
 

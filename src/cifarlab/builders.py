@@ -38,7 +38,7 @@ from cifarlab.kerasnet import (
 )
 from cifarlab.models import create_model, is_registered, list_models
 
-__all__ = ["build_model", "model_kind", "model_source", "rebuild"]
+__all__ = ["build_model", "model_kind", "model_source", "rebuild", "require"]
 
 
 def model_kind(name: str) -> str:
@@ -55,6 +55,14 @@ def model_kind(name: str) -> str:
     raise ModelError(f"Unknown model {name!r}; use a registered name ({', '.join(list_models())}),"
                      " a .keras file, or a builder such as models.py:build_model or "
                      "package.module:build_model.")
+
+
+def require(name: str) -> None:
+    """Fail now, with what to install, when ``name`` is a Keras model and Keras is missing
+    (before any data is read). A builder's needs show when it is imported."""
+    kind = model_kind(name)
+    if kind == "keras-file" or (kind == "registry" and name.startswith("keras-")):
+        import_keras()
 
 
 def build_model(config: TrainConfig, num_classes: int, image_size: int) -> nn.Module:

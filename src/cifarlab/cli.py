@@ -151,6 +151,7 @@ def train(model: str, recipe: str | None, config_file: Path | None, from_study: 
           no_test: bool, quiet: bool, no_doctor: bool, tensorboard: bool, engine: str,
           **overrides: Any) -> None:
     """Train a model and write a run folder (config, weights, metrics, summary)."""
+    from cifarlab.builders import require
     from cifarlab.callbacks import EpochTable
     from cifarlab.data import load_data
     from cifarlab.doctor import DoctorMonitor
@@ -177,6 +178,7 @@ def train(model: str, recipe: str | None, config_file: Path | None, from_study: 
     else:
         cfg = _base_config(model, config_file, recipe)
     cfg = _with_options(cfg, data, image_size, skip_bad, overrides)
+    require(cfg.model)
     run_dir = runs_dir / (name or default_run_name(cfg.model))
     writer = RunWriter(run_dir)  # refuses a finished run's folder before any work
     split = load_data(cfg.data)
@@ -267,6 +269,7 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
            html_path: Path | None, **overrides: Any) -> None:
     """Diagnose why a network is not learning: preflight checks on the data and the model,
     behavioural tests, then a monitored training run. Exit code 1 on an error (for CI)."""
+    from cifarlab.builders import require
     from cifarlab.data import load_data
     from cifarlab.doctor import diagnose_config
     from cifarlab.doctor.html import render_html
@@ -274,6 +277,7 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 
     cfg = _with_options(_base_config(model, config_file, recipe), data, image_size, skip_bad,
                         overrides)
+    require(cfg.model)
     report = diagnose_config(cfg, load_data(cfg.data), epochs=epochs,
                              behaviour=not no_behaviour)
     click.echo(report.to_text())

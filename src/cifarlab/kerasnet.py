@@ -110,6 +110,14 @@ class KerasModule(nn.Module):
                 if isinstance(layer, keras.layers.BatchNormalization)
                 and getattr(layer, "beta", None) is not None]
 
+    @property
+    def frozen_by_design(self) -> list[str]:
+        """Keras's non-trainable weights (BatchNormalization's moving statistics, layers the
+        user set ``trainable=False``): torch parameters without gradients, on purpose. The
+        doctor does not report them as frozen by mistake."""
+        fixed = {id(v.value) for v in self.keras_model.non_trainable_weights}
+        return [n for n, p in self.named_parameters() if id(p) in fixed]
+
     def architecture(self) -> dict[str, Any]:
         """The Keras model's own config (JSON, no code): what a run folder keeps."""
         return dict(json.loads(self.keras_model.to_json()))

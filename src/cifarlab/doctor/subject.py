@@ -87,11 +87,13 @@ class Subject:
         if self.optimizer is None:
             return torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                    lr=0.01 * lr_scale, momentum=0.9)
-        by_name = dict(model.named_parameters())
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        # by position: a Keras model built twice names its layers differently (dense,
+        # dense_1), never in another order
+        fresh = list(model.parameters())
+        where = {id(p): i for i, p in enumerate(self.model.parameters())}
         groups = []
         for g in self.optimizer.param_groups:
-            params = [by_name[names[id(p)]] for p in g["params"] if id(p) in names]
+            params = [fresh[where[id(p)]] for p in g["params"] if id(p) in where]
             opts = {k: v for k, v in g.items() if k not in ("params", "initial_lr")}
             opts["lr"] = opts["lr"] * lr_scale
             groups.append({**opts, "params": params})

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.config import TrainConfig, config_paths
+from cifarlab.config import MODEL_ARGS, TrainConfig, config_paths
 from cifarlab.errors import ConfigError, ModelError
 from cifarlab.models import default_config
 
@@ -286,8 +286,11 @@ def _is_number(x: Any) -> bool:
 
 
 def _resolve_key(key: str, paths: dict[str, Any], where: str) -> str:
-    """``optim.lr`` stays; ``lr`` becomes ``optim.lr`` when exactly one config key ends so."""
+    """``optim.lr`` stays; ``lr`` becomes ``optim.lr`` when exactly one config key ends so;
+    ``model_args.units`` is the model builder's keyword ``units``."""
     if key in paths:
+        return key
+    if key.startswith(MODEL_ARGS) and key[len(MODEL_ARGS):].isidentifier():
         return key
     matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
@@ -324,7 +327,7 @@ def _parse_param(name: str, spec: Any, base: TrainConfig, paths: dict[str, Any],
     kind = spec.get("type")
     if kind not in _KINDS:
         raise ConfigError(f"{here}.type: must be one of {', '.join(_KINDS)}, got {kind!r}.")
-    default = paths[path]
+    default = paths[path] if path in paths else base.model_args.get(path[len(MODEL_ARGS):])
     when = _parse_when(spec.get("when"), earlier, here)
 
     if kind == "categorical":
