@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cifarlab"
 LAYERS = [
     {"errors", "files"},
     {"config"},
-    {"hardware", "imaging", "index", "models", "kerasnet", "builders"},
+    {"hardware", "imaging", "index", "models", "kerasfast", "kerasnet", "builders"},
     {"data"},
     {"dupes", "callbacks"},
     {"tblog"},

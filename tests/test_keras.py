@@ -131,6 +131,52 @@ def test_state_dict_has_each_weight_once_and_loads_into_a_rebuild():
     assert torch.equal(a(x), b(x))
 
 
+def _graph_model():
+    """A functional model that exercises the fast path's layers: strided 'same' convolutions
+    (asymmetric padding), GELU, Add, Concatenate, pooling, BatchNormalization, softmax."""
+    inp = keras.Input((15, 15, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="gelu")(inp)
+    h = keras.layers.Add()([h, keras.layers.Conv2D(8, 1)(h)])
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Concatenate()([keras.layers.AveragePooling2D(2)(h),
+                                    keras.layers.MaxPooling2D(2)(h)])
+    h = keras.layers.Dense(6, activation="tanh")(keras.layers.GlobalMaxPooling2D()(h))
+    return keras.Model(inp, keras.layers.Dense(5, activation="softmax")(h)), (3, 15, 15)
+
+
+@pytest.mark.parametrize("which", ["keras-cnn", "keras-dense", "graph"])
+def test_the_fast_path_computes_what_keras_computes(which):
+    """Outputs, gradients and BatchNormalization's moving statistics of the PyTorch-kernel path
+    equal Keras's own layers' (fp32)."""
+    torch.manual_seed(0)
+    if which == "graph":
+        net, shape = _graph_model()
+    else:
+        cfg = default_config(which).with_values({"model_args": {"dropout": 0.0}})
+        net, shape = build_model(cfg, 10, 32).keras_model, (3, 32, 32)
+    fast, slow = KerasModule(net), KerasModule(net, fast=False)
+    assert fast.fast is not None and fast.fast.converted == fast.fast.total - 1  # all but Input
+    x = torch.randn(8, *shape).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fast.eval()(x), slow.eval()(x), atol=1e-5)
+    stats = [v.value.clone() for v in net.non_trainable_weights]
+    results = []
+    for m in (fast, slow):
+        for v, t in zip(net.non_trainable_weights, stats, strict=True):
+            v.assign(t)
+        y = m.train()(x)
+        grads = torch.autograd.grad(y.square().sum(),
+                                    [p for p in m.parameters() if p.requires_grad])
+        results.append((y, grads, [v.value.clone() for v in net.non_trainable_weights]))
+    (ya, ga, sa), (yb, gb, sb) = results
+    assert torch.allclose(ya, yb, atol=1e-5)
+    # summation order differs, and some gradients are zero up to rounding (a bias in front of
+    # BatchNormalization): compare the whole gradient as one vector
+    a, b = torch.cat([g.flatten() for g in ga]), torch.cat([g.flatten() for g in gb])
+    assert float((a - b).norm()) <= 1e-5 * float(b.norm())
+    for a, b in zip(sa, sb, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ naming one
 
 

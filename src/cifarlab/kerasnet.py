@@ -8,6 +8,8 @@ what it sees for any model:
   memory, so the permute to the Keras layout is a view, not a copy;
 - **mode**: ``module.train()`` / ``eval()`` reach Keras's ``training`` argument (BatchNorm,
   Dropout);
+- **speed**: the model's graph runs with PyTorch's fused kernels for the layers
+  :mod:`cifarlab.kerasfast` knows (``fast=False`` runs every layer as Keras does);
 - **outputs**: a model that ends in a softmax hands back log-probabilities (clipped as Keras's
   own cross-entropy clips them), so cifarlab's cross-entropy on "logits" is Keras's
   categorical cross-entropy, and the softmax of the output is the model's own probabilities;
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from cifarlab.errors import ModelError
+from cifarlab.kerasfast import FastGraph
 
 __all__ = ["KERAS_HINT", "KerasModule", "import_keras", "is_keras_model", "keras_cnn",
            "keras_dense", "load_keras_file", "model_from_config"]
@@ -67,13 +70,19 @@ def is_keras_model(obj: Any) -> bool:
 class KerasModule(nn.Module):
     """A Keras model as a cifarlab model: N×C×H×W in, logits (or log-probabilities) out."""
 
-    def __init__(self, keras_model: Any):
+    def __init__(self, keras_model: Any, fast: bool = True):
         super().__init__()
         self.keras_model = keras_model  # an nn.Module on the torch backend: its params register
         self.outputs_probabilities = _ends_in_softmax(keras_model)
+        # the model's graph with PyTorch's fused kernels for the layers it knows (kerasfast)
+        self.fast = FastGraph.of(keras_model) if fast else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.keras_model(x.permute(0, 2, 3, 1), training=self.training)
+        nhwc = x.permute(0, 2, 3, 1)
+        if self.fast is not None:
+            out = self.fast(nhwc, self.training)
+        else:
+            out = self.keras_model(nhwc, training=self.training)
         if self.outputs_probabilities:
             return torch.log(out.float().clamp(_PROBABILITY_FLOOR, 1 - _PROBABILITY_FLOOR))
         return out
