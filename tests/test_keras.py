@@ -353,8 +353,19 @@ def test_a_keras_builder_goes_through_every_command(learnable, tmp_path, builder
                           params={"top_k": 4}).json()
         served = {t["class"]: t["probability"] for t in body["predictions"][0]["top"]}
         assert httpx.get(f"{url}/").status_code == 200
+        # KServe v2, with NVIDIA's client: the model's name is the builder's function
+        import tritonclient.http as triton
+
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        inp = triton.InferInput("image", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([image.read_bytes()], dtype=np.object_))
+        name = "build_model"
+        assert client.is_model_ready(name)
+        v2 = client.infer(name, [inp]).as_numpy("probabilities")[0]
+        v2_classes = client.get_model_metadata(name)["parameters"]["classes"]
     for name, p in cli_probs.items():
         assert served[name] == pytest.approx(p, abs=1e-5)
+        assert v2[v2_classes.index(name)] == pytest.approx(p, abs=1e-5)
 
     r = run_cli("export", str(run), "--format", "keras", "--out", str(tmp_path / "m.keras"),
                 cwd=tmp_path)

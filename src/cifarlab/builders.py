@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from cifarlab.kerasnet import (
 )
 from cifarlab.models import create_model, is_registered, list_models
 
-__all__ = ["build_model", "model_kind", "model_source", "rebuild", "require"]
+__all__ = ["build_model", "display_name", "model_kind", "model_source", "rebuild", "require"]
 
 
 def model_kind(name: str) -> str:
@@ -55,6 +56,16 @@ def model_kind(name: str) -> str:
     raise ModelError(f"Unknown model {name!r}; use a registered name ({', '.join(list_models())}),"
                      " a .keras file, or a builder such as models.py:build_model or "
                      "package.module:build_model.")
+
+
+def display_name(model: str) -> str:
+    """A short, URL- and folder-safe name for ``--model``: a registered name as it is, a
+    builder by its function, a ``.keras`` file by its stem (``nets.py:build`` -> ``build``)."""
+    if ":" in model:
+        model = model.rpartition(":")[2]
+    elif model.endswith(".keras"):
+        model = Path(model).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-.") or "model"
 
 
 def require(name: str) -> None:

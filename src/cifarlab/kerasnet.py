@@ -53,6 +53,9 @@ def import_keras() -> Any:
         keras = importlib.import_module("keras")
     except ImportError:
         raise ModelError(f"Keras models need Keras 3: {KERAS_HINT}.") from None
+    if not hasattr(keras, "config"):
+        raise ModelError(f"{getattr(keras, '__file__', 'a module named keras')} hides the Keras "
+                         "package; rename that file (or run from another folder).")
     backend = keras.config.backend()
     if backend != "torch":
         raise ModelError(f"Keras is running on the {backend!r} backend; cifarlab trains Keras "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cifarlab import __version__
-from cifarlab.builders import model_source, rebuild
+from cifarlab.builders import display_name, model_source, rebuild
 from cifarlab.callbacks import Callback, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.errors import CifarlabError, RunError
@@ -59,12 +58,7 @@ FORMAT = "cifarlab-run-1"
 def default_run_name(model: str) -> str:
     """``<model>-<timestamp>``; a file or builder model is named by its file's stem or its
     function (``nets/small.keras`` -> ``small-...``, ``nets.py:build`` -> ``build-...``)."""
-    if ":" in model:
-        model = model.rpartition(":")[2]
-    elif model.endswith(".keras"):
-        model = Path(model).stem
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-.") or "model"
-    return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{display_name(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # --------------------------------------------------------------------------------- writing

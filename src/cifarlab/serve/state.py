@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cifarlab.builders import display_name
 from cifarlab.infer import Predictor
 from cifarlab.serve.batching import LRUCache, MicroBatcher
 from cifarlab.serve.budget import ByteBudget
@@ -42,6 +43,6 @@ class ServerState:
 
     def set_model(self, model: Predictor) -> None:
         if self.served_name is None:  # the name clients use stays across reloads
-            self.served_name = str(model.info.get("model") or model.name)
+            self.served_name = display_name(str(model.info.get("model") or model.name))
         self.model = model  # one reference swap: requests already queued keep the old one
         self.metrics.set_model(self.served_name, model.version)
