@@ -278,6 +278,16 @@ def test_a_keras_file_trains_from_its_own_weights_and_rebuilds_without_the_file(
     assert torch.equal(run.model(x), result.model.eval()(x))
 
 
+def test_a_builders_run_rebuilds_without_the_builder_file(learnable, tmp_path, builder):
+    cfg = _config(f"{builder}:build_model", learnable, units=8)
+    cfg.optim.epochs = 1
+    result = train(cfg, [RunWriter(tmp_path / "run")], progress=False)
+    builder.unlink()
+    run = load_run(tmp_path / "run")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(run.model(x), result.model.eval()(x))
+
+
 @pytest.mark.slow
 def test_the_keras_engine_trains_with_model_fit(learnable, tmp_path, builder):
     r = run_cli("train", "--model", f"{builder}:build_model", "--data", str(learnable),
@@ -332,7 +342,8 @@ def test_a_keras_builder_goes_through_every_command(learnable, tmp_path, builder
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == ref and set(config["model_args"]) == {"units", "dropout"}
 
-    r = run_cli("doctor", "--model", ref, "--model-arg", "units=16", "--epochs", "1",
+    r = run_cli("doctor", "--model", ref, "--model-arg", "units=16", "--model-arg", "dropout=0.2",
+                "--epochs", "1",
                 *common, cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert "checks run: 0 error(s), 0 warning(s)" in r.stdout, r.stdout  # a healthy model

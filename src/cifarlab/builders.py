@@ -109,15 +109,26 @@ def model_source(config: TrainConfig) -> dict[str, Any]:
 
 def rebuild(config: TrainConfig, num_classes: int, image_size: int,
             keras_config: dict[str, Any] | None, source: dict[str, Any] | None) -> nn.Module:
-    """The architecture of a finished run, with fresh weights: a Keras model from its saved
-    config, a builder's model by calling the builder recorded in ``source`` again."""
+    """The architecture of a finished run, with fresh weights. A Keras model comes from its
+    saved config (safe mode), so the run folder alone rebuilds it; where that config needs the
+    builder's code (a custom layer, a ``Lambda``), the builder recorded in ``source`` is imported
+    or called again. Other models: the registry, or the builder called again."""
     kind = (source or {}).get("kind") or model_kind(config.model)
-    if kind == "keras-file":
-        if keras_config is None:
-            raise ModelError("the run has no keras_model.json to rebuild its Keras model from.")
-        return KerasModule(model_from_config(keras_config))
     if kind == "builder" and source and source.get("path"):
         config = config.with_values({"model": f"{source['path']}:{_func_name(config.model)}"})
+    if keras_config is not None:
+        try:
+            return KerasModule(model_from_config(keras_config))
+        except ModelError:
+            if kind != "builder":
+                raise
+        try:  # the builder's module may register the custom layers the config names
+            _load_callable(config.model)
+            return KerasModule(model_from_config(keras_config))
+        except ModelError:
+            pass
+    elif kind == "keras-file":
+        raise ModelError("the run has no keras_model.json to rebuild its Keras model from.")
     return build_model(config, num_classes, image_size)
 
 

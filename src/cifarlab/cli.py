@@ -501,6 +501,7 @@ def serve(run: Path, host: str, port: int, workers: int, model_name: str | None,
 
     import uvicorn
 
+    from cifarlab.builders import display_name
     from cifarlab.runs import read_run
     from cifarlab.serve.app import create_app
     from cifarlab.serve.protocol import guarded_protocol
@@ -515,7 +516,7 @@ def serve(run: Path, host: str, port: int, workers: int, model_name: str | None,
                             f"more than --max-decode-mb ({max_decode_mb:g}).")
     settings = ServeSettings(
         run=str(run.resolve()), runs_root=str(runs_root.resolve()) if runs_root else None,
-        model_name=model_name or loaded.config.model, max_batch=max_batch,
+        model_name=model_name or display_name(loaded.config.model), max_batch=max_batch,
         max_wait_ms=max_wait_ms, max_queue=max_queue, cache_size=cache_size,
         max_upload_bytes=int(max_upload_mb * mib),
         max_inflight_upload_bytes=int(max_inflight_upload_mb * mib), max_files=max_files,

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from cifarlab.errors import ModelError
 from cifarlab.kerasfast import FastGraph
@@ -113,7 +114,7 @@ class KerasModule(nn.Module):
                 raise RuntimeError(f"{key}: shape {tuple(tensor.shape)} does not fit "
                                    f"{v.path} {tuple(v.shape)}")
             v.assign(tensor.to(v.value.device, v.value.dtype))
-        return None
+        return _IncompatibleKeys([], [])
 
     def norm_biases(self) -> list[nn.Parameter]:
         """The BatchNormalization offsets (``beta``): the optimizer's bias-scaled group."""
@@ -124,10 +125,10 @@ class KerasModule(nn.Module):
 
     @property
     def frozen_by_design(self) -> list[str]:
-        """Keras's non-trainable weights (BatchNormalization's moving statistics, layers the
-        user set ``trainable=False``): torch parameters without gradients, on purpose. The
-        doctor does not report them as frozen by mistake."""
-        fixed = {id(v.value) for v in self.keras_model.non_trainable_weights}
+        """Keras's non-trainable variables (BatchNormalization's moving statistics, Dropout's
+        RNG state, layers the user set ``trainable=False``): torch parameters without
+        gradients, on purpose. The doctor does not report them as frozen by mistake."""
+        fixed = {id(v.value) for v in self.keras_model.variables if not v.trainable}
         return [n for n, p in self.named_parameters() if id(p) in fixed]
 
     def architecture(self) -> dict[str, Any]:
