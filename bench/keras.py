@@ -242,24 +242,11 @@ def tuner(a: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- e2e
 
 
-NETS = """import keras
-
-
-def build_model(input_shape, num_classes, units=128, dropout=0.25):
-    return keras.Sequential([
-        keras.Input(input_shape),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-        keras.layers.BatchNormalization(),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-        keras.layers.BatchNormalization(),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(units, activation="relu"),
-        keras.layers.Dropout(dropout),
-        keras.layers.Dense(num_classes, activation="softmax"),
-    ])
-"""
+def _readme_builder() -> str:
+    """The builder file the README shows (so the run checks the README's own example)."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index("A builder file (`nets.py`):"):]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def e2e(a: argparse.Namespace) -> None:
@@ -277,7 +264,7 @@ def e2e(a: argparse.Namespace) -> None:
 
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    (work / "nets.py").write_text(NETS)
+    (work / "nets.py").write_text(_readme_builder())
     (work / "space.yaml").write_text(
         'fidelity: {model: "nets.py:build_model", epochs: 1, train_fraction: 0.2}\n'
         "params:\n"

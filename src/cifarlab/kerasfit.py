@@ -36,11 +36,12 @@ from cifarlab.callbacks import Callback, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData, load_data
 from cifarlab.errors import ConfigError
-from cifarlab.hardware import INFERENCE_PRECISION, resolve_device, resolve_precision
+from cifarlab.hardware import resolve_device, resolve_precision
 from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
 from cifarlab.kerasnet import KerasModule, import_keras
 from cifarlab.loader import DeviceLoader
 from cifarlab.optim import schedule_factor
+from cifarlab.trainer import finish
 
 __all__ = ["train_with_keras"]
 
@@ -121,24 +122,8 @@ def train_with_keras(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
     net.fit(dataset, epochs=epochs, verbose=0, callbacks=[bridge])  # the bridge shows progress
     train_seconds = time.perf_counter() - t_train - bridge.eval_seconds
 
-    model.eval()
-    val_loss = val_acc = test_loss = test_acc = None
-    if val is not None and val_images is not None:
-        val_loss, val_acc = evaluate(val_images, val.labels, config.tta)
-    if evaluate_test and len(data.test):
-        test_loss, test_acc = evaluate(to_device_images(data.test.images, device),
-                                       data.test.labels, config.tta, INFERENCE_PRECISION)
-    result = TrainResult(
-        model=model, config=config, classes=list(data.classes), mean=list(data.mean),
-        std=list(data.std), history=state.history, train_seconds=train_seconds,
-        total_seconds=time.perf_counter() - t_start, val_loss=val_loss, val_acc=val_acc,
-        test_loss=test_loss, test_acc=test_acc, stopped_early=state.stop_reason,
-        data_sha256=data.data_sha256, source=data.source, precision=precision,
-        device=str(device), extras={"engine": "keras"},
-    )
-    for cb in callbacks:
-        cb.on_train_end(state, result)
-    return result
+    return finish(state, data, evaluate, val_images, callbacks, evaluate_test=evaluate_test,
+                  train_seconds=train_seconds, t_start=t_start, extras={"engine": "keras"})
 
 
 class _NoTorchOptimizer:

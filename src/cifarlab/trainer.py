@@ -41,7 +41,7 @@ from cifarlab.kerasnet import KerasModule
 from cifarlab.loader import DeviceLoader
 from cifarlab.optim import Lookahead, build_optimizer
 
-__all__ = ["train", "training_step"]
+__all__ = ["finish", "train", "training_step"]
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,19 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         if state.step >= total_steps or state.should_stop:
             break
 
+    return finish(state, data, evaluate, val_images, callbacks, evaluate_test=evaluate_test,
+                  train_seconds=train_seconds, t_start=t_start)
+
+
+def finish(state: TrainState, data: SplitData,
+           evaluate: Callable[..., tuple[float, float]], val_images: torch.Tensor | None,
+           callbacks: Sequence[Callback], *, evaluate_test: bool, train_seconds: float,
+           t_start: float, extras: dict[str, Any] | None = None) -> TrainResult:
+    """The end of a training loop (this trainer's or ``--engine keras``'s): final validation
+    and test figures at the run's TTA, the :class:`TrainResult`, and ``on_train_end``."""
+    config, model, device = state.config, state.model, state.device
+    model.eval()
+    val = data.val if data.val is not None and len(data.val) else None
     val_loss = val_acc = test_loss = test_acc = None
     last_row = state.history[-1] if state.history else {}
     if config.tta == 0 and last_row.get("val_loss") is not None:
@@ -205,8 +218,8 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         std=list(data.std), history=state.history, train_seconds=train_seconds,
         total_seconds=time.perf_counter() - t_start, val_loss=val_loss, val_acc=val_acc,
         test_loss=test_loss, test_acc=test_acc, stopped_early=state.stop_reason,
-        data_sha256=data.data_sha256, source=data.source, precision=precision,
-        device=str(device),
+        data_sha256=data.data_sha256, source=data.source, precision=state.precision,
+        device=str(device), extras=dict(extras or {}),
     )
     for cb in callbacks:
         cb.on_train_end(state, result)
