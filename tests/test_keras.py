@@ -348,6 +348,7 @@ def test_a_keras_builder_goes_through_every_command(learnable, tmp_path, builder
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert "checks run: 0 error(s), 0 warning(s)" in r.stdout, r.stdout  # a healthy model
     assert "frozen-layer" not in r.stdout  # BatchNormalization's moving statistics are not
+    assert "log-softmax-before-ce" not in r.stdout  # the bridge's own log-probabilities
 
     r = run_cli("evaluate", str(run), "--data", str(learnable), "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -400,6 +401,18 @@ def test_a_keras_builder_goes_through_every_command(learnable, tmp_path, builder
     classes = json.loads((run / "summary.json").read_text())["classes"]
     for name, p in cli_probs.items():
         assert probs[classes.index(name)] == pytest.approx(p, abs=1e-5)
+
+    # torch.onnx handles a Keras model too (through its torch.export-based exporter)
+    import onnxruntime as ort
+
+    r = run_cli("export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = np.asarray(Image.open(image).convert("RGB"), np.float32).transpose(2, 0, 1)[None]
+    onnx_probs = session.run(None, {session.get_inputs()[0].name: x})[0][0]
+    for name, p in cli_probs.items():
+        assert onnx_probs[classes.index(name)] == pytest.approx(p, abs=1e-5)
 
 
 @pytest.mark.slow
