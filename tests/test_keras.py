@@ -177,6 +177,23 @@ def test_the_fast_path_computes_what_keras_computes(which):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_seeded_builds_repeat_and_leave_other_generators_alone():
+    import random
+
+    cfg = default_config("keras-cnn").with_values({"model_args": {"filters": 4, "units": 8}})
+    np.random.seed(123)
+    random.seed(123)
+    a = build_model(cfg, 4, 16)
+    after = (np.random.random(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    expected = (np.random.random(), random.random())
+    assert after == expected  # the user's NumPy and Python generators are as they were
+    b = build_model(cfg, 4, 16)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y)  # same seed, same initial weights
+
+
 # ------------------------------------------------------------------------------ naming one
 
 

@@ -15,6 +15,7 @@ again with the recorded arguments.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -34,6 +35,7 @@ from cifarlab.kerasnet import (
     KerasModule,
     import_keras,
     is_keras_model,
+    keras_seed,
     load_keras_file,
     model_from_config,
 )
@@ -81,10 +83,11 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int) -> nn.Mo
     seeded by ``config.seed`` (Keras's own generators too)."""
     kind = model_kind(config.model)
     if kind == "registry":
-        if config.model.startswith("keras-"):
-            import_keras().utils.set_random_seed(config.seed)
-        return create_model(config.model, num_classes, config.width, image_size,
-                            config.model_args)
+        seeded = keras_seed(config.seed) if config.model.startswith("keras-") \
+            else contextlib.nullcontext()
+        with seeded:
+            return create_model(config.model, num_classes, config.width, image_size,
+                                config.model_args)
     if kind == "keras-file":
         if config.model_args:
             raise ModelError(f"model_args {sorted(config.model_args)}: a .keras file is a "
@@ -190,10 +193,10 @@ def _call_builder(config: TrainConfig, num_classes: int, image_size: int) -> nn.
                          f"must accept input_shape and num_classes, and every model_args key "
                          f"(it takes: {', '.join(params) or 'nothing'}).")
     torch.manual_seed(config.seed)
-    if "keras" in sys.modules:
-        import_keras().utils.set_random_seed(config.seed)
+    seeded = keras_seed(config.seed) if "keras" in sys.modules else contextlib.nullcontext()
     try:
-        model = fn(**kwargs)
+        with seeded:
+            model = fn(**kwargs)
     except Exception as exc:
         raise ModelError(f"--model {ref}: the builder raised {type(exc).__name__}: {exc}") \
             from exc

@@ -24,14 +24,17 @@ mode only: a ``.keras`` file that holds Python code (a ``Lambda`` layer) is refu
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import random
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
@@ -39,8 +42,17 @@ from torch.nn.modules.module import _IncompatibleKeys
 from cifarlab.errors import ModelError
 from cifarlab.kerasfast import FastGraph
 
-__all__ = ["KERAS_HINT", "KerasModule", "import_keras", "is_keras_model", "keras_cnn",
-           "keras_dense", "load_keras_file", "model_from_config"]
+__all__ = [
+    "KERAS_HINT",
+    "KerasModule",
+    "import_keras",
+    "is_keras_model",
+    "keras_cnn",
+    "keras_dense",
+    "keras_seed",
+    "load_keras_file",
+    "model_from_config",
+]
 
 KERAS_HINT = "pip install 'cifarlab[keras]'"
 _PROBABILITY_FLOOR = 1e-7  # keras.backend.epsilon(): what Keras's cross-entropy clips to
@@ -63,6 +75,21 @@ def import_keras() -> Any:
                          "models on PyTorch. Set KERAS_BACKEND=torch before anything imports "
                          "keras (cifarlab sets it when it imports keras first).")
     return keras
+
+
+@contextlib.contextmanager
+def keras_seed(seed: int) -> Iterator[None]:
+    """Keras's global seed (its initializers and Dropout draw from it) set to ``seed`` for a
+    model's construction; the Python and NumPy generators that ``keras.utils.set_random_seed``
+    also reseeds are handed back as they were (torch's stays seeded, as the trainer seeds it)."""
+    keras = import_keras()
+    py, np_state = random.getstate(), np.random.get_state()
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
 
 
 def is_keras_model(obj: Any) -> bool:
