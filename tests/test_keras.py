@@ -19,6 +19,7 @@ from PIL import Image
 from cifarlab.builders import build_model, model_kind
 from cifarlab.config import ConfigError, DataConfig, TrainConfig, resolve_key
 from cifarlab.errors import ModelError
+from cifarlab.kerasfast import coverage
 from cifarlab.kerasnet import KerasModule, import_keras
 from cifarlab.models import default_config
 from cifarlab.runs import RunWriter, load_run
@@ -155,7 +156,8 @@ def test_the_fast_path_computes_what_keras_computes(which):
         cfg = default_config(which).with_values({"model_args": {"dropout": 0.0}})
         net, shape = build_model(cfg, 10, 32).keras_model, (3, 32, 32)
     fast, slow = KerasModule(net), KerasModule(net, fast=False)
-    assert fast.fast is not None and fast.fast.converted == fast.fast.total - 1  # all but Input
+    converted, total = coverage(net)
+    assert fast.fast and converted == total - 1  # every layer but the Input
     x = torch.randn(8, *shape).contiguous(memory_format=torch.channels_last)
     assert torch.allclose(fast.eval()(x), slow.eval()(x), atol=1e-5)
     stats = [v.value.clone() for v in net.non_trainable_weights]
@@ -175,6 +177,27 @@ def test_the_fast_path_computes_what_keras_computes(which):
     assert float((a - b).norm()) <= 1e-5 * float(b.norm())
     for a, b in zip(sa, sb, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_deep_copy_runs_on_its_own_weights():
+    """The doctor copies a model to test it fresh: the copy's fast path must use the copy."""
+    import copy
+
+    cfg = default_config("keras-cnn").with_values(
+        {"model_args": {"filters": 4, "units": 8, "dropout": 0.0}})
+    original = build_model(cfg, 4, 16).eval()
+    clone = copy.deepcopy(original).eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = original(x)
+    assert torch.equal(clone(x), before)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    assert torch.equal(original(x), before)
+    moved = clone(x)
+    assert not torch.allclose(moved, before)
+    assert torch.allclose(moved, KerasModule(clone.keras_model, fast=False).eval()(x),
+                          rtol=1e-5, atol=1e-5)
 
 
 def test_seeded_builds_repeat_and_leave_other_generators_alone():

@@ -22,14 +22,18 @@ A layer it does not know runs as Keras runs it; a model that is not a graph (a s
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FastGraph"]
+__all__ = ["coverage", "has_graph", "run_graph"]
 
+# A converted layer: called as op(layer, *inputs, training=..., **kwargs). It takes the layer as
+# an argument rather than holding it, so the plans below can be cached per layer object without
+# keeping layers alive, and a deep copy of a model runs on its own layers, never the original's.
 Op = Callable[..., torch.Tensor]
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -78,13 +82,13 @@ def _conv2d(layer: Any) -> Op | None:
             or layer.padding not in ("valid", "same") or layer.rank != 2):
         return None
     k, s, d = _tuple2(layer.kernel_size), _tuple2(layer.strides), _tuple2(layer.dilation_rate)
-    use_bias = bool(layer.use_bias)
+    same = layer.padding == "same"
 
-    def conv(x: torch.Tensor, **_: Any) -> torch.Tensor:
+    def conv(layer: Any, x: torch.Tensor, **_: Any) -> torch.Tensor:
         w = layer.kernel.value.permute(3, 2, 0, 1)  # kH×kW×in×out -> out×in×kH×kW
-        b = layer.bias.value if use_bias else None
+        b = layer.bias.value if layer.use_bias else None
         xc = _nchw(x)
-        if layer.padding == "same":
+        if same:
             (t, bo), (le, r) = (_same_padding(xc.shape[2], k[0], s[0], d[0]),
                                 _same_padding(xc.shape[3], k[1], s[1], d[1]))
             if t == bo and le == r:
@@ -103,25 +107,22 @@ def _dense(layer: Any) -> Op | None:
     if act is None or getattr(layer, "lora_enabled", False) or \
             getattr(layer, "quantization_mode", None):
         return None
-    use_bias = bool(layer.use_bias)
 
-    def dense(x: torch.Tensor, **_: Any) -> torch.Tensor:
+    def dense(layer: Any, x: torch.Tensor, **_: Any) -> torch.Tensor:
         return act(F.linear(x, layer.kernel.value.t(),
-                            layer.bias.value if use_bias else None))
+                            layer.bias.value if layer.use_bias else None))
 
     return dense
 
 
 def _batch_norm(layer: Any) -> Op | None:
-    if getattr(layer, "synchronized", False) or getattr(layer, "renorm", False):
-        return None
-    axis = layer.axis if isinstance(layer.axis, int) else None
-    if axis is None:
+    if getattr(layer, "synchronized", False) or getattr(layer, "renorm", False) or \
+            not isinstance(layer.axis, int):
         return None
 
-    def bn(x: torch.Tensor, training: bool | None = None, mask: Any = None,
+    def bn(layer: Any, x: torch.Tensor, training: bool | None = None, mask: Any = None,
            **_: Any) -> torch.Tensor:
-        if mask is not None or axis not in (-1, x.ndim - 1) or x.ndim not in (2, 4):
+        if mask is not None or layer.axis not in (-1, x.ndim - 1) or x.ndim not in (2, 4):
             return layer(x, training=training, mask=mask)
         xc = _nchw(x) if x.ndim == 4 else x
         gamma = layer.gamma.value if layer.scale else None
@@ -146,11 +147,7 @@ def _pool(layer: Any, kind: str) -> Op | None:
         return None
     k, s = _tuple2(layer.pool_size), _tuple2(layer.strides)
     fn = F.max_pool2d if kind == "max" else F.avg_pool2d
-
-    def pool(x: torch.Tensor, **_: Any) -> torch.Tensor:
-        return _nhwc(fn(_nchw(x), k, s))
-
-    return pool
+    return lambda layer, x, **_: _nhwc(fn(_nchw(x), k, s))
 
 
 def _global_pool(layer: Any, kind: str) -> Op | None:
@@ -158,7 +155,7 @@ def _global_pool(layer: Any, kind: str) -> Op | None:
         return None
     keep = bool(getattr(layer, "keepdims", False))
 
-    def pool(x: torch.Tensor, **_: Any) -> torch.Tensor:
+    def pool(layer: Any, x: torch.Tensor, **_: Any) -> torch.Tensor:
         if x.ndim != 4:
             return layer(x)
         return x.mean((1, 2), keepdim=keep) if kind == "avg" else x.amax((1, 2), keepdim=keep)
@@ -169,28 +166,28 @@ def _global_pool(layer: Any, kind: str) -> Op | None:
 def _flatten(layer: Any) -> Op | None:
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return None
-    return lambda x, **_: x.reshape(x.shape[0], -1)  # N×H×W×C order, as Keras flattens
+    return lambda layer, x, **_: x.reshape(x.shape[0], -1)  # N×H×W×C order, as Keras's
 
 
 def _dropout(layer: Any) -> Op | None:
     if getattr(layer, "noise_shape", None) is not None:
         return None
-    return lambda x, training=None, **_: F.dropout(x, layer.rate, bool(training))
+    return lambda layer, x, training=None, **_: F.dropout(x, layer.rate, bool(training))
 
 
 def _activation_layer(layer: Any) -> Op | None:
     act = _activation(layer)
-    return None if act is None else (lambda x, **_: act(x))
+    return None if act is None else (lambda layer, x, **_: act(x))
 
 
 def _relu(layer: Any) -> Op | None:
     if layer.max_value is not None or layer.negative_slope or layer.threshold:
         return None
-    return lambda x, **_: F.relu(x)
+    return lambda layer, x, **_: F.relu(x)
 
 
 def _add(layer: Any) -> Op | None:
-    def add(xs: list[torch.Tensor], **_: Any) -> torch.Tensor:
+    def add(layer: Any, xs: list[torch.Tensor], **_: Any) -> torch.Tensor:
         out = xs[0]
         for x in xs[1:]:
             out = out + x
@@ -200,7 +197,7 @@ def _add(layer: Any) -> Op | None:
 
 
 def _concatenate(layer: Any) -> Op | None:
-    return lambda xs, **_: torch.cat(list(xs), dim=layer.axis)
+    return lambda layer, xs, **_: torch.cat(list(xs), dim=layer.axis)
 
 
 _CONVERTERS: dict[str, Callable[[Any], Op | None]] = {
@@ -219,44 +216,56 @@ _CONVERTERS: dict[str, Callable[[Any], Op | None]] = {
     "Concatenate": _concatenate,
 }
 
+# layer -> its plan (None: run as Keras runs it), made once per layer object
+_PLANS: weakref.WeakKeyDictionary[Any, Op | None] = weakref.WeakKeyDictionary()
 
-class FastGraph:
-    """Runs a functional Keras model (or a Sequential, through its functional graph) with
-    PyTorch kernels for the layers it knows. ``FastGraph.of(model)`` is ``None`` when the
-    model has no graph to run."""
 
-    def __init__(self, functional: Any, ops: dict[int, Op], call_context: Callable[..., Any]):
-        self.functional = functional
-        self.ops = ops
-        self._context = call_context
-        self.converted = len(ops)
-        self.total = len(functional.operations)
+def _plan(op: Any) -> Op | None:
+    try:
+        return _PLANS[op]
+    except KeyError:
+        pass
+    convert = _CONVERTERS.get(type(op).__name__)
+    plan = convert(op) if convert is not None and type(op).__module__.startswith("keras.") \
+        else None
+    _PLANS[op] = plan
+    return plan
 
-    @classmethod
-    def of(cls, model: Any) -> FastGraph | None:
-        try:
-            from keras.src.models.functional import Functional, operation_fn
-        except ImportError:  # another Keras layout: run as Keras does
-            return None
-        functional = model if isinstance(model, Functional) else getattr(
-            model, "_functional", None)
-        if not isinstance(functional, Functional) or \
-                not hasattr(functional, "_run_through_graph"):
-            return None
-        ops: dict[int, Op] = {}
-        for op in functional.operations:
-            convert = _CONVERTERS.get(type(op).__name__)
-            fast = convert(op) if convert is not None else None
-            if fast is not None and type(op).__module__.startswith("keras."):
-                ops[id(op)] = fast
-        return cls(functional, ops, operation_fn)
 
-    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        def pick(op: Any) -> Op:
-            fast = self.ops.get(id(op))
-            if fast is not None:
-                return lambda *a, **k: fast(*a, **{**k, "training": training})
-            return self._context(op, training=training)  # Keras's own call
+def _functional(model: Any) -> Any:
+    """The functional graph a Keras model runs (a Sequential's is built inside it), or None."""
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError:  # another Keras layout: run as Keras does
+        return None
+    graph = model if isinstance(model, Functional) else getattr(model, "_functional", None)
+    ok = isinstance(graph, Functional) and hasattr(graph, "_run_through_graph")
+    return graph if ok else None
 
-        out = self.functional._run_through_graph([x], operation_fn=pick)
-        return out[0] if isinstance(out, list | tuple) else out
+
+def has_graph(model: Any) -> bool:
+    """Whether :func:`run_graph` can run ``model`` (a subclassed model with its own ``call``
+    cannot)."""
+    return _functional(model) is not None
+
+
+def coverage(model: Any) -> tuple[int, int]:
+    """(layers run as PyTorch kernels, operations in the graph)."""
+    graph = _functional(model)
+    ops = graph.operations if graph is not None else []
+    return sum(_plan(op) is not None for op in ops), len(ops)
+
+
+def run_graph(model: Any, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """``model(x, training=training)`` through its own graph, each known layer as its PyTorch
+    kernel; the graph and the layers are the model's as it is now (a deep copy runs its own)."""
+    from keras.src.models.functional import operation_fn
+
+    def pick(op: Any) -> Op:
+        plan = _plan(op)
+        if plan is not None:
+            return lambda *a, **k: plan(op, *a, **{**k, "training": training})
+        return operation_fn(op, training=training)  # Keras's own call
+
+    out = _functional(model)._run_through_graph([x], operation_fn=pick)
+    return out[0] if isinstance(out, list | tuple) else out

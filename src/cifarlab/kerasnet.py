@@ -29,6 +29,7 @@ import importlib
 import json
 import os
 import random
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from cifarlab.errors import ModelError
-from cifarlab.kerasfast import FastGraph
+from cifarlab.kerasfast import has_graph, run_graph
 
 __all__ = [
     "KERAS_HINT",
@@ -94,7 +95,7 @@ def keras_seed(seed: int) -> Iterator[None]:
 
 def is_keras_model(obj: Any) -> bool:
     """True for a Keras model, without importing Keras when nobody has."""
-    keras = __import__("sys").modules.get("keras")
+    keras = sys.modules.get("keras")
     return keras is not None and isinstance(obj, keras.Model)
 
 
@@ -106,12 +107,12 @@ class KerasModule(nn.Module):
         self.keras_model = keras_model  # an nn.Module on the torch backend: its params register
         self.outputs_probabilities = _ends_in_softmax(keras_model)
         # the model's graph with PyTorch's fused kernels for the layers it knows (kerasfast)
-        self.fast = FastGraph.of(keras_model) if fast else None
+        self.fast = fast and has_graph(keras_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nhwc = x.permute(0, 2, 3, 1)
-        if self.fast is not None:
-            out = self.fast(nhwc, self.training)
+        if self.fast:
+            out = run_graph(self.keras_model, nhwc, self.training)
         else:
             out = self.keras_model(nhwc, training=self.training)
         if self.outputs_probabilities:
@@ -161,9 +162,6 @@ class KerasModule(nn.Module):
     def architecture(self) -> dict[str, Any]:
         """The Keras model's own config (JSON, no code): what a run folder keeps."""
         return dict(json.loads(self.keras_model.to_json()))
-
-    def keras_layer_names(self) -> list[str]:
-        return [layer.name for layer in _all_layers(self.keras_model)]
 
 
 def _all_layers(model: Any) -> list[Any]:
