@@ -280,13 +280,15 @@ def test_model_args_are_config_keys():
 
 
 def test_without_keras_it_says_what_to_install(tmp_path):
-    code = ("import sys; sys.modules['keras'] = None\n"
-            "from cifarlab.cli import main\n"
-            "main(['train', '--model', 'keras-cnn', '--data', 'nowhere'])\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
-    assert r.returncode != 0
-    assert "pip install 'cifarlab[keras]'" in r.stderr and "Traceback" not in r.stderr
+    for command in (["train"], ["tune", "--trials", "1"]):
+        code = ("import sys; sys.modules['keras'] = None\n"
+                "from cifarlab.cli import main\n"
+                f"main({[*command, '--model', 'keras-cnn', '--data', 'nowhere']!r})\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode != 0, command
+        assert "pip install 'cifarlab[keras]'" in r.stderr and "Traceback" not in r.stderr, \
+            (command, r.stderr)
 
 
 # ------------------------------------------------------------------------------ training

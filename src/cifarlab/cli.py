@@ -376,6 +376,10 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
     else:
         space = default_space(model or "airnet", epochs if epochs is not None else 2.0,
                               train_fraction if train_fraction is not None else 0.25)
+    if space is not None:
+        from cifarlab.builders import require
+
+        require(space.fidelity.model)  # a Keras model without Keras: say so before any trial
     cfg = _data_config(data, image_size, skip_bad)
     cfg.val_size = val_size
     settings = TuneSettings(

@@ -85,8 +85,7 @@ def train_with_keras(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
 
     schedule_base: Any = keras.optimizers.schedules.LearningRateSchedule
 
-    @keras.saving.register_keras_serializable(package="cifarlab")
-    class Triangle(schedule_base):
+    class Triangle(schedule_base):  # (never saved: the run folder keeps weights, not this)
         def __call__(self, step: Any) -> Any:
             return peak * factor(int(step))
 
@@ -117,7 +116,7 @@ def train_with_keras(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
         cb.on_train_start(state)
     bridge = _make_bridge(keras, state, callbacks, loader, val, val_images, evaluate,
                           total_steps, progress)
-    dataset = _batches(keras, loader, n_classes, total_steps)
+    dataset = _batches(keras, loader, n_classes)
     t_train = time.perf_counter()
     net.fit(dataset, epochs=epochs, verbose=0, callbacks=[bridge])  # the bridge shows progress
     train_seconds = time.perf_counter() - t_train - bridge.eval_seconds
@@ -132,7 +131,7 @@ class _NoTorchOptimizer:
     param_groups: tuple[dict[str, Any], ...] = ()
 
 
-def _batches(keras: Any, loader: DeviceLoader, n_classes: int, total_steps: int) -> Any:
+def _batches(keras: Any, loader: DeviceLoader, n_classes: int) -> Any:
     """cifarlab's augmented batches as a PyDataset, one pass of the loader per epoch."""
 
     base: Any = keras.utils.PyDataset
