@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+EXE = str(Path(sys.executable).parent / "cifarlab")
 
 
 def machine() -> str:
@@ -51,3 +56,36 @@ def publish(name: str, lines: list[str]) -> None:
     body = "\n".join(lines)
     print(body)
     write_section(name, body)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``cifarlab serve RUN ARGS`` on a free loopback port, ready when constructed."""
+
+    def __init__(self, run: Path | str, *args: str, cwd: Path | None = None,
+                 env: dict[str, str] | None = None):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([EXE, "serve", str(run), "--port", str(self.port), *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     cwd=cwd, env=env)
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.close()
+        raise RuntimeError("server did not become ready")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # this file is keras.py: its folder must not be where `import keras` looks
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.append(str(ROOT / "bench"))
-from _common import machine, write_section  # noqa: E402
+from _common import Server, machine, write_section  # noqa: E402
 from cifarlab.config import DataConfig, TrainConfig  # noqa: E402
 from cifarlab.data import load_data  # noqa: E402
 from cifarlab.files import atomic_write_text  # noqa: E402
@@ -251,8 +251,6 @@ def _readme_builder() -> str:
 
 def e2e(a: argparse.Namespace) -> None:
     """The README's Keras example on real CIFAR-10, every command, recorded."""
-    import socket
-
     import httpx
     import numpy as np
     from PIL import Image
@@ -294,28 +292,15 @@ def e2e(a: argparse.Namespace) -> None:
     run("doctor", "--model", "nets.py:build_model", "--epochs", "1", "--train-fraction", "0.2")
     ev = json.loads(run("evaluate", "runs/nets", "--json").stdout)
     pr = json.loads(run("predict", "runs/nets", "test0.png", "--json", "--tta", "0").stdout)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([exe, "serve", "runs/nets", "--port", str(port), "--tta", "0"],
-                              cwd=work, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = Server("runs/nets", "--tta", "0", cwd=work, env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        url = server.url
         rest = httpx.post(f"{url}/v1/predict", files={"file": (
             "test0.png", (work / "test0.png").read_bytes())}).json()
         meta = httpx.get(f"{url}/v2/models/build_model").json()
         page = httpx.get(url).status_code
     finally:
-        server.terminate()
-        server.wait(15)
+        server.close()
     run("export", "runs/nets", "--format", "keras")
     code = ("import json, os; os.environ['KERAS_BACKEND'] = 'torch'\n"
             "import numpy as np, keras; from PIL import Image\n"

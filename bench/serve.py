@@ -21,7 +21,6 @@ import asyncio
 import io
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section
-
-EXE = str(Path(sys.executable).parent / "cifarlab")
+from _common import Server, machine, write_section
 
 
 def build_run(model: str, root: Path) -> Path:
@@ -215,33 +212,6 @@ def write_fairness(f: dict[str, float], model: str, requests: int) -> None:
     body = "\n".join(lines)
     print(body)
     write_section("serve-fairness", body)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, run: Path, *args: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen([EXE, "serve", str(run), "--port", str(self.port), *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        import httpx
-
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def main() -> None:
