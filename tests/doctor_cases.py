@@ -46,8 +46,10 @@ def smooth_images(n_per_class: int, seed: int = 0, size: int = SIZE,
 class SmallCNN(nn.Module):
     def __init__(self, c: int = N_CLASSES, softmax: bool = False, dropout_always: bool = False,
                  zero_init: bool = False, log_softmax: bool = False, norm_input: bool = False,
-                 head_scale: float = 1.0):
+                 head_scale: float = 1.0, head_act: str = "", dropout: float = 0.0):
         super().__init__()
+        self.head_act = head_act
+        self.drop = nn.Dropout(dropout)
         self.norm_in = nn.BatchNorm2d(3) if norm_input else nn.Identity()
         self.log_softmax = log_softmax
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
@@ -66,10 +68,12 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(self.norm_in(x)))), 2)
         x = F.relu(self.bn2(self.conv2(x)))
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1))
         if self.dropout_always:
             x = F.dropout(x, 0.5, training=True)
         x = self.fc(x)
+        if self.head_act:
+            x = {"relu": F.relu, "sigmoid": torch.sigmoid}[self.head_act](x)
         if self.log_softmax:
             return x.log_softmax(1)
         return x.softmax(1) if self.softmax else x
@@ -188,6 +192,19 @@ def _frozen_conv():
     return m
 
 
+def _per_batch_steplr():
+    """A step function that steps StepLR(step_size=30) every batch: meant once an epoch."""
+    scheds: dict[int, torch.optim.lr_scheduler.StepLR] = {}
+
+    def step(model, optimizer, loss_fn, x, y):
+        sched = scheds.setdefault(id(optimizer),
+                                  torch.optim.lr_scheduler.StepLR(optimizer, 30, 0.1))
+        loss = default_step(model, optimizer, loss_fn, x, y)
+        sched.step()
+        return loss
+    return step
+
+
 def _shuffle(y):
     return np.random.default_rng(1).permutation(y)
 
@@ -260,7 +277,7 @@ def cases() -> list[Case]:
         Case("augmentation-blanks", lambda: subject(step_fn=_blanking_step),
              {"blank-images", "no-label-signal"}),
         Case("huge-weight-decay", lambda: subject(wd=5.0),
-             {"update-ratio", "cannot-overfit", "plateau"}),
+             {"weight-decay-high", "update-ratio", "cannot-overfit", "plateau"}),
         Case("stacked-linear", lambda: subject(lambda: MLP(stacked=True), lr=0.02),
              {"stacked-linear"}),
         Case("dropout-at-eval", lambda: subject(lambda: SmallCNN(dropout_always=True)),
@@ -281,6 +298,18 @@ def cases() -> list[Case]:
         Case("mirrored-test-in-train", lambda: subject(mirrored_leak=20), {"near-duplicates"}),
         Case("class-folder-copied", lambda: subject(conflicting_copies=24),
              {"label-conflict", "duplicates-within"}),
+        Case("relu-on-logits", lambda: subject(lambda: SmallCNN(head_act="relu")),
+             {"output-range"}),
+        Case("sigmoid-on-logits", lambda: subject(lambda: SmallCNN(head_act="sigmoid")),
+             {"output-range"}),
+        Case("dropout-0.95", lambda: subject(lambda: SmallCNN(dropout=0.95)),
+             {"dropout-high", "cannot-overfit"}),
+        Case("steplr-stepped-per-batch", lambda: subject(step_fn=_per_batch_steplr()),
+             {"lr-schedule"}),
+        Case("class-weights-zero",
+             lambda: subject(loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1, 0, 0])))
+             , {"loss-weights"}),
+        Case("healthy-dropout-0.3", lambda: subject(lambda: SmallCNN(dropout=0.3))),
         Case("params-not-in-optimizer",
              lambda: subject(optimizer_params=lambda m: [p for n, p in m.named_parameters()
                                                          if not n.startswith("fc")]),

@@ -95,18 +95,12 @@ def _plain_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
     return loss_fn
 
 
-def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
-                       gen: torch.Generator, steps: int = 200) -> None:
-    c = s.num_classes
-    target = 0.05 * log_c(c)
-    idx = torch.randperm(len(x), generator=gen)[:32]
-    xb, yb = x[idx], y[idx]
-    model = s.fresh_model()
-    opt = s.optimizer_for(model)
-    loss_fn = _plain_loss(s.loss_fn)
-    best, reached = float("inf"), None
-    curve = []
-    for step in range(steps):
+def _fit_batch(s: Subject, model: nn.Module, opt: torch.optim.Optimizer,
+               loss_fn: Callable[..., torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+               steps: int, target: float, curve: list[float], done: int = 0) -> int | None:
+    """Train ``model`` on one batch from step ``done`` to ``steps``, measuring the train-mode
+    loss every 5 steps into ``curve``; returns the step the loss fell below ``target``."""
+    for step in range(done, steps):
         s.step_fn(model, opt, loss_fn, xb, yb)
         if (step + 1) % 5 and step + 1 < steps:
             continue  # measured every 5 steps: each measurement is a forward pass
@@ -114,21 +108,96 @@ def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Ten
             loss = float(F.cross_entropy(model(xb).float(), yb))
         curve.append(loss)
         if not math.isfinite(loss):
-            break
-        best = min(best, loss)
+            return None
         if loss < target:
-            reached = step + 1
-            break
+            return step + 1
+    return None
+
+
+def _still_falling(curve: list[float]) -> bool:
+    """Whether a one-batch loss curve is coming down steadily: well below where it started and
+    at its lowest over the last measurements (slow, not stuck)."""
+    if len(curve) < 8 or not all(math.isfinite(v) for v in curve):
+        return False
+    third = len(curve) // 3
+    return (curve[-1] < curve[0] - 0.02 * abs(curve[0])  # clearly below the start
+            and curve[-1] <= min(curve[:-1]) + 1e-6  # at its lowest now
+            and float(np.mean(curve[-third:])) < float(np.mean(curve[-2 * third:-third])))
+
+
+def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
+                       gen: torch.Generator, steps: int = 200, patience: int = 1000) -> None:
+    """Karpathy's first test: memorize one batch of 32. A slow but correct model (a small lr)
+    gets up to ``patience`` steps while its loss keeps falling. When the batch cannot be fitted,
+    the same test runs without dropout and without weight decay: the one whose removal makes
+    the batch fit is named as the cause."""
+    c = s.num_classes
+    target = 0.05 * log_c(c)
+    idx = torch.randperm(len(x), generator=gen)[:32]
+    xb, yb = x[idx], y[idx]
+    model = s.fresh_model()
+    opt = s.optimizer_for(model)
+    loss_fn = _plain_loss(s.loss_fn)
+    curve: list[float] = []
+    reached = _fit_batch(s, model, opt, loss_fn, xb, yb, steps, target, curve)
+    if reached is None and _still_falling(curve):
+        reached = _fit_batch(s, model, opt, loss_fn, xb, yb, patience, target, curve,
+                             done=steps)
     report.series["overfit_one_batch"] = {"step": [5 * (i + 1) for i in range(len(curve))],
                                           "loss": curve}
-    if reached is None:
-        done = min(steps, 5 * len(curve))
-        report.add("cannot-overfit", Severity.ERROR,
-                   f"after {done} steps on one batch of 32 the loss is "
-                   f"{curve[-1]:.3g} (best {best:.3g}); target < 0.05·ln C = {target:.3f} "
-                   f"within {steps} steps", value=best, threshold=target, step=done)
-    else:
+    if reached is not None:
         report.context["overfit_steps"] = reached
+        if reached > steps:  # fitted, but only with the extra patience: a slow learner
+            report.context["overfit_slow"] = reached
+        return
+    done = 5 * len(curve)
+    finite = [v for v in curve if math.isfinite(v)]
+    best = min(finite) if finite else float("nan")
+    report.add("cannot-overfit", Severity.ERROR,
+               f"after {done} steps on one batch of 32 the loss is "
+               f"{curve[-1]:.3g} (best {best:.3g}); target < 0.05·ln C = {target:.3f} "
+               f"within {steps} steps", value=best, threshold=target, step=done)
+    _ablate(s, report, xb, yb, loss_fn, steps, patience, target)
+
+
+def _ablate(s: Subject, report: Report, xb: torch.Tensor, yb: torch.Tensor,
+            loss_fn: Callable[..., torch.Tensor], steps: int, patience: int,
+            target: float) -> None:
+    def fits(model: nn.Module, opt: torch.optim.Optimizer) -> int | None:
+        curve: list[float] = []
+        hit = _fit_batch(s, model, opt, loss_fn, xb, yb, steps, target, curve)
+        if hit is None and _still_falling(curve):
+            hit = _fit_batch(s, model, opt, loss_fn, xb, yb, patience, target, curve,
+                             done=steps)
+        return hit
+
+    model = s.fresh_model()
+    drops = {n: float(m.p) for n, m in model.named_modules()
+             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
+    if drops:
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.p = 0.0
+        hit = fits(model, s.optimizer_for(model))
+        if hit is not None:
+            worst = max(drops.items(), key=lambda kv: kv[1])
+            report.add("dropout-high", Severity.ERROR,
+                       f"with dropout (p up to {worst[1]:g} in {worst[0]}) one batch of 32 "
+                       f"cannot be fitted; with dropout off it is, in {hit} steps",
+                       value=worst[1], module=worst[0], modules=drops)
+            return
+    if s.optimizer is not None and any(g.get("weight_decay", 0) for g in
+                                       s.optimizer.param_groups):
+        model = s.fresh_model()
+        opt = s.optimizer_for(model)
+        wd = max(float(g.get("weight_decay", 0)) for g in opt.param_groups)
+        for g in opt.param_groups:
+            g["weight_decay"] = 0.0
+        hit = fits(model, opt)
+        if hit is not None:
+            report.add("weight-decay-high", Severity.ERROR,
+                       f"with weight decay {wd:g} one batch of 32 cannot be fitted; with "
+                       f"weight decay 0 it is, in {hit} steps", value=wd)
 
 
 def _short_train(s: Subject, x: torch.Tensor, y: torch.Tensor, steps: int,
@@ -167,10 +236,13 @@ def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
     if s.val_x is None or s.val_y is None or len(s.val_x) < 100:
         return
     vx, vy = torch.nan_to_num(s.val_x.float()), s.val_y
-    n = min(len(x), 2048)
-    # a random sample, not the first n: data stored in label order would give a few classes
-    pick = torch.randperm(len(x), generator=gen)[:n]
-    xs, ys = x[pick], y[pick]
+    # a random sample, not the first n: data stored in label order would give a few classes;
+    # a second sample of training images is held out to compare their labels with validation's
+    n_hold = min(1024, len(x) // 4) if len(x) >= 400 else 0
+    n = min(len(x) - n_hold, 2048)
+    order = torch.randperm(len(x), generator=gen)
+    xs, ys = x[order[:n]], y[order[:n]]
+    hold = order[n:n + n_hold]
     sigma = math.sqrt(chance * (1 - chance) / len(vx))
     margin = 4 * sigma + 0.02
     # Long enough for the model to start learning: a slow but correct model (a small lr, as
@@ -192,6 +264,8 @@ def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
         "val_acc_real": real, "val_acc_shuffled": shuffled, "val_acc_zero_input": zeros,
         "train_loss_real": real_fit, "train_loss_shuffled": shuf_fit, "chance": chance,
         "margin": margin, "steps": steps}
+    if n_hold:
+        _label_noise(report, real_model, x[hold], y[hold], real, len(vx), chance, margin)
     # A model trained on random labels lands anywhere near chance (its predictions are
     # correlated, so the spread is wider than binomial); a leak puts it far above.
     leak_limit = chance + max(margin, 0.5 * (1 - chance))
@@ -214,6 +288,16 @@ def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
     # ratio below assumes a loss bounded below by 0).
     fits = not any(f.rule in ("cannot-overfit", "initial-loss") and f.severity >= Severity.WARNING
                    for f in report.findings)
+    # A slow learner (one batch took more than the usual steps to memorize) whose training
+    # loss has not started to fall by the end of the longest test has not been tested yet:
+    # real and shuffled labels look alike before anything is learned. No verdict.
+    learned = math.isfinite(real_fit) and math.isfinite(real_start) and \
+        real_fit < real_start - 0.1 * abs(real_start)
+    if report.context.get("overfit_slow") and not learned:
+        report.context["label_signal"]["verdict"] = (
+            f"none: a slow learner (one batch took {report.context['overfit_slow']} steps) "
+            f"had not started learning after {steps} steps")
+        return
     if fits and math.isfinite(real_fit) and math.isfinite(shuf_fit) and real_fit >= 0 and \
             shuf_fit >= 0 and real <= chance + margin and real_fit > 0.85 * shuf_fit:
         report.add("no-label-signal", Severity.ERROR,
@@ -221,6 +305,30 @@ def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
                    f"{real_fit:.3f}, about that with shuffled labels ({shuf_fit:.3f}; healthy: "
                    f"well below 0.85×); validation accuracy {real:.3f}, chance {chance:.3f}",
                    value=real_fit, threshold=0.85 * shuf_fit)
+
+
+def _label_noise(report: Report, model: nn.Module, hx: torch.Tensor, hy: torch.Tensor,
+                 val_acc: float, n_val: int, chance: float, margin: float) -> None:
+    """Confident-learning style check: the model trained on part of the training set is scored
+    on held-out training images against their own labels and on validation images. Clean
+    labels from one distribution agree equally often; when training labels agree much less,
+    a share of them is wrong. With a fraction r of labels replaced at random, the held-out
+    agreement is (1 - r)·a + r/C for a model of accuracy a, which gives the estimate of r."""
+    held = _accuracy(model, hx, hy)
+    ctx = report.context["label_signal"]
+    ctx["held_out_train_acc"] = held
+    if val_acc <= chance + margin:
+        return  # the model has not learned enough for agreement to mean anything
+    se = math.sqrt(val_acc * (1 - val_acc) / n_val + max(held * (1 - held), 1e-4) / len(hy))
+    rate = (val_acc - held) / (val_acc - chance)
+    ctx["label_noise_estimate"] = rate
+    if val_acc - held > 4 * se and rate >= 0.3:
+        report.add("label-noise", Severity.ERROR if rate >= 0.5 else Severity.WARNING,
+                   f"a model trained on training images agrees with held-out training labels "
+                   f"{held:.3f} of the time and with validation labels {val_acc:.3f}: about "
+                   f"{min(rate, 1.0):.0%} of the training labels look wrong (difference "
+                   f"{(val_acc - held) / se:.1f} standard errors)", value=rate, threshold=0.3,
+                   held_out_acc=held, val_acc=val_acc)
 
 
 def _lr_range(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,

@@ -4,7 +4,6 @@ log-probabilities into NLLLoss), linear layers with nothing between."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -20,8 +19,10 @@ __all__ = ["is_cross_entropy", "is_nll", "model_checks", "output_kind"]
 def model_checks(s: Subject, report: Report) -> None:
     model = s.fresh_model()
     report.checks_run += ["params-not-in-optimizer", "frozen-layer", "softmax-before-ce",
-                          "nll-input", "stacked-linear", "momentum-high"]
+                          "nll-input", "stacked-linear", "momentum-high", "output-range",
+                          "loss-weights"]
     _momentum_check(s, report)
+    _loss_weights_check(s, report)
     if s.optimizer is not None:
         in_opt = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in s.model.named_parameters()
@@ -39,10 +40,10 @@ def model_checks(s: Subject, report: Report) -> None:
     x = s.train_x[: min(64, len(s.train_x))].float()
     x = torch.nan_to_num(x)
     model.eval()
-    order: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    order: list[tuple[str, nn.Module, Any, Any]] = []
     hooks = [m.register_forward_hook(
-        lambda mod, inp, out, name=name: order.append((name, inp[0].detach(), out.detach())))
-        for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        lambda mod, inp, out, name=name: order.append((name, mod, inp[0] if inp else None, out)))
+        for name, m in model.named_modules() if name and not list(m.children())]
     try:
         with torch.no_grad():
             out = model(x).float()
@@ -73,11 +74,99 @@ def model_checks(s: Subject, report: Report) -> None:
                    f"{float(torch.logsumexp(out, 1).mean()):.3g}, not 0) and go into NLLLoss, "
                    "which expects log-probabilities: the loss is unbounded below",
                    value=float(torch.logsumexp(out, 1).mean()), got="scores")
-    for (a, _, a_out), (b, b_in, _) in itertools.pairwise(order):
-        if a_out.shape == b_in.shape and torch.equal(a_out, b_in):
-            report.add("stacked-linear", Severity.WARNING,
-                       f"{a} feeds {b} directly: no nonlinearity between them", modules=[a, b])
-            break
+    pair = _stacked_linear(order)
+    if pair is not None:
+        report.add("stacked-linear", Severity.WARNING,
+                   f"{pair[0]} feeds {pair[1]} through linear operations only: no "
+                   "nonlinearity between them", modules=list(pair))
+    if is_cross_entropy(s.loss_fn) and kind == "scores" and \
+            not getattr(model, "outputs_probabilities", False):
+        _output_range_check(model, x[:8], report)
+
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# linear in their input at evaluation: what may sit between two layers without making them
+# more than one linear map
+_LINEAR_BETWEEN = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool2d, nn.Identity,
+                   nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d,
+                   nn.modules.batchnorm._BatchNorm)
+
+
+def _stacked_linear(order: list[tuple[str, nn.Module, Any, Any]]) -> tuple[str, str] | None:
+    """Two weighted layers with only linear operations between them, in the order the forward
+    pass ran them, each feeding the next (a functional activation in between breaks the
+    chain, as it should). A depthwise convolution followed by a pointwise one is a factorized
+    convolution, linear by design, so grouped convolutions are left out."""
+    def weighted(m: nn.Module) -> bool:
+        return isinstance(m, _WEIGHTED) and getattr(m, "groups", 1) == 1
+
+    for i, (a, mod, _, out) in enumerate(order):
+        if not weighted(mod) or not isinstance(out, torch.Tensor):
+            continue
+        prev = out
+        for b, nxt, inp, nout in order[i + 1:]:
+            if not (isinstance(inp, torch.Tensor) and inp.shape == prev.shape
+                    and torch.equal(inp, prev)):
+                break
+            if weighted(nxt):
+                return a, b
+            if not isinstance(nxt, _LINEAR_BETWEEN) or not isinstance(nout, torch.Tensor):
+                break
+            prev = nout
+    return None
+
+
+# The last operation of a forward pass, as autograd records it, for the activations that bound
+# a classifier's output: what each does to the logits cross-entropy expects.
+_BOUNDED_OUTPUT = {
+    "ReluBackward0": ("ReLU", "clamped at 0: classes whose logit is 0 get no gradient",
+                      Severity.WARNING),
+    "SigmoidBackward0": ("sigmoid", "squashed into (0, 1): the softmax over them can never be "
+                         "confident, so the loss has a floor", Severity.ERROR),
+    "TanhBackward0": ("tanh", "squashed into (-1, 1): the softmax over them can never be "
+                      "confident, so the loss has a floor", Severity.ERROR),
+    "HardtanhBackward0": ("hardtanh/ReLU6", "clipped to a fixed range", Severity.ERROR),
+    "ClampBackward1": ("clamp", "clipped to a fixed range", Severity.WARNING),
+}
+
+
+def _output_range_check(model: nn.Module, x: torch.Tensor, report: Report) -> None:
+    """A bounded activation applied to the logits: the output's last autograd node is one of
+    the bounding functions (whether written as a module or functionally)."""
+    with torch.enable_grad():
+        out = model(x.clone().requires_grad_(True))
+    node = out.grad_fn
+    while node is not None and type(node).__name__ in ("ToCopyBackward0", "CloneBackward0",
+                                                        "ViewBackward0", "ReshapeAliasBackward0"):
+        node = node.next_functions[0][0] if node.next_functions else None
+    entry = _BOUNDED_OUTPUT.get(type(node).__name__) if node is not None else None
+    if entry is None:
+        return
+    name, effect, severity = entry
+    out = out.detach().float()
+    report.add("output-range", severity,
+               f"the model's last operation is {name}: the logits going into "
+               f"CrossEntropyLoss are {effect} (observed range [{float(out.min()):.3g}, "
+               f"{float(out.max()):.3g}])", activation=name,
+               value=[float(out.min()), float(out.max())])
+
+
+def _loss_weights_check(s: Subject, report: Report) -> None:
+    w = getattr(s.loss_fn, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.numel() < 2:
+        return
+    w = w.detach().float().cpu()
+    zero = [int(i) for i in torch.nonzero(w <= 0).flatten()]
+    if zero:
+        report.add("loss-weights", Severity.ERROR,
+                   f"the loss's class weights are 0 for {len(zero)} of {w.numel()} classes "
+                   f"({', '.join(map(str, zero[:10]))}): those classes are never learned",
+                   classes=zero, value=w.tolist())
+    elif float(w.max() / w.min()) > 100:
+        report.add("loss-weights", Severity.WARNING,
+                   f"the loss's class weights range from {float(w.min()):.3g} to "
+                   f"{float(w.max()):.3g} ({float(w.max() / w.min()):.0f}×)",
+                   value=w.tolist(), threshold=100)
 
 
 def is_cross_entropy(loss_fn: Any) -> bool:

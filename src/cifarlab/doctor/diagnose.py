@@ -7,7 +7,7 @@ import torch
 from cifarlab.callbacks import TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData
-from cifarlab.doctor.findings import Report
+from cifarlab.doctor.findings import Report, Severity
 from cifarlab.doctor.monitor import DoctorMonitor
 from cifarlab.doctor.preflight import preflight
 from cifarlab.doctor.subject import Subject, subject_from_config
@@ -22,8 +22,9 @@ def watch(subject: Subject, steps: int = 100, every: int = 10, batch_size: int =
     :class:`DoctorMonitor`; returns the monitor's report."""
     model = subject.fresh_model()
     opt = subject.optimizer_for(model)
+    # every watched step is the start of training: a schedule that collapses here is a bug
     monitor = DoctorMonitor(every=every, num_classes=subject.num_classes,
-                            intentionally_frozen=subject.intentionally_frozen)
+                            intentionally_frozen=subject.intentionally_frozen, lr_window=steps)
     state = TrainState(TrainConfig(), model, opt, torch.device("cpu"), "fp32", steps,
                        max(1, len(subject.train_x) // batch_size))
     monitor.on_train_start(state)
@@ -31,10 +32,14 @@ def watch(subject: Subject, steps: int = 100, every: int = 10, batch_size: int =
     x, y = subject.train_x, subject.train_y
     ok = (y >= 0) & (y < subject.num_classes)
     x, y = x[ok], y[ok]
+    users = subject.optimizer
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
         xb, yb = x[idx], y[idx]
+        before = [g["lr"] for g in users.param_groups] if users is not None else []
         loss = subject.step_fn(model, opt, subject.loss_fn, xb, yb)
+        if users is not None:
+            _mirror_schedule(users, before, opt)
         state.step += 1
         monitor.on_step_end(state, _per_sample(subject, loss, len(yb)), xb, yb)
         if state.should_stop:
@@ -43,6 +48,19 @@ def watch(subject: Subject, steps: int = 100, every: int = 10, batch_size: int =
     report.context["watch"] = {"steps": state.step, "stopped": None if state.stop_reason is None
                                else str(state.stop_reason)}
     return report
+
+
+def _mirror_schedule(users: torch.optim.Optimizer, before: list[float],
+                     opt: torch.optim.Optimizer) -> None:
+    """A step function that steps a scheduler bound to the user's own optimizer changes that
+    optimizer's lr, not the copy's the doctor trains: carry the same factor over, so the
+    watched run follows the user's schedule."""
+    for g_user, lr0, g in zip(users.param_groups, before, opt.param_groups, strict=False):
+        lr1 = g_user["lr"]
+        if lr1 != lr0 and lr0 > 0:
+            g["lr"] = g["lr"] * (lr1 / lr0)
+        elif lr1 != lr0:  # from 0: take the user's value
+            g["lr"] = lr1
 
 
 def _per_sample(subject: Subject, loss: torch.Tensor, n: int) -> torch.Tensor:
@@ -56,7 +74,28 @@ def diagnose(subject: Subject, steps: int = 100, behaviour: bool = True,
     report = preflight(subject, behaviour=behaviour, seed=seed)
     if steps > 0:
         report.extend(watch(subject, steps=steps, seed=seed))
+        _slow_not_broken(report)
     return report.consolidate()
+
+
+def _slow_not_broken(report: Report) -> None:
+    """A model that memorized one batch, only slowly, trains correctly at a small learning
+    rate (the PyTorch tutorial's lr 0.001): a short watched run that has not left the
+    starting loss, or updates below the usual ratio, are then what slow training looks like,
+    not a fault. They become notes that say so; too large updates stay alarms."""
+    slow = report.context.get("overfit_slow")
+    if not slow:
+        return
+    for f in report.findings:
+        if f.severity < Severity.WARNING or f.rule not in ("plateau", "update-ratio"):
+            continue
+        value = f.evidence.get("value")
+        if f.rule == "update-ratio" and not (isinstance(value, float) and value < 1e-4):
+            continue
+        f.evidence["was"] = str(f.severity)
+        f.severity = Severity.INFO
+        f.message += (f" (a slow learner, not a fault: one batch was memorized in {slow} "
+                      "steps; a larger learning rate trains faster)")
 
 
 def diagnose_config(config: TrainConfig, data: SplitData, epochs: float | None = 1.0,

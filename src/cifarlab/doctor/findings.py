@@ -21,6 +21,8 @@ SMITH = "Smith, 'Cyclical Learning Rates for Training Neural Networks' (2017), L
 CS231N = "CS231n notes, 'Babysitting the learning process' (update/weight ratio about 1e-3)"
 BARZ = "Barz & Denzler, 'Do We Train on Test Data?' (ciFAIR, 2020)"
 DEEPDIAG = "Wardat et al., 'DeepDiagnosis' (ICSE 2022), symptom catalogue"
+NORTHCUTT = "Northcutt et al., 'Confident Learning' (JAIR 2021): label noise from held-out predictions"
+SCHEDULERS = "PyTorch docs, 'How to adjust learning rate' (epoch-based schedulers step once an epoch)"
 
 
 class Severity(enum.IntEnum):
@@ -174,6 +176,43 @@ RULES: dict[str, Rule] = {r.id: r for r in [
        "With momentum (or Adam's beta1) above 0.99 the step averages over more than 100 past "
        "gradients: training overshoots and oscillates unless the learning rate is tiny.",
        "Use momentum 0.9 (beta1 0.9), or lower the learning rate with it.", IVANOV),
+    _r("output-range", "The model's outputs pass through a bounded activation before the loss",
+       "A ReLU, sigmoid or tanh after the last layer bounds the logits that cross-entropy "
+       "expects unbounded: the loss has a floor (sigmoid, tanh) or classes stop receiving "
+       "gradient (ReLU).", "Return the last Linear layer's output as it is; the loss applies "
+       "the softmax.", DEEPDIAG),
+    _r("loss-weights", "Class weights of the loss silence some classes",
+       "The loss's class weights are zero, or differ by more than 100×, for some classes: "
+       "those classes contribute (almost) nothing to the gradient.",
+       "Recompute the weights from the training set's class counts (inverse frequency), "
+       "over every class.", IVANOV),
+    _r("dropout-high", "Dropout drops most of the activations",
+       "A dropout probability of 0.75 or more, often a keep probability passed where the "
+       "drop rate is expected (TensorFlow 1's keep_prob): the model cannot fit even one "
+       "batch with it, and can without it.",
+       "Pass the drop rate (p = 1 - keep_prob), typically 0.1 to 0.5.", IVANOV),
+    _r("weight-decay-high", "Weight decay is so strong that the model cannot fit",
+       "With the configured weight decay the model cannot memorize one batch; with weight "
+       "decay off it can: the decay pulls the weights to zero faster than the gradients move "
+       "them.", "Lower weight decay (typical: 5e-4 for SGD, 0.01-0.1 for AdamW's decoupled "
+       "decay).", IVANOV),
+    _r("label-noise", "Many training labels disagree with their images",
+       "A model trained on part of the training set agrees with the held-out training labels "
+       "much less often than with the validation labels: a large share of training labels "
+       "is wrong (noisy annotation, a labelling bug).",
+       "Inspect the training images the model confidently disagrees with; relabel or drop "
+       "them (confident learning).", NORTHCUTT),
+    _r("step-without-grad", "optimizer.step() runs without gradients",
+       "When the optimizer steps, no parameter holds a gradient: the loop calls step() before "
+       "loss.backward(), clears the gradients between backward() and step(), or never calls "
+       "backward().", "Order each step as zero_grad(), forward, loss.backward(), step().",
+       IVANOV),
+    _r("lr-schedule", "The learning-rate schedule collapses at the start of training",
+       "The scheduler drives the learning rate to (almost) zero within the first steps: an "
+       "epoch-based scheduler (StepLR, ExponentialLR, CosineAnnealingLR with T_max in "
+       "epochs) stepped every batch, or a warm-up counted in steps but stepped per epoch.",
+       "Step epoch-based schedulers once per epoch, or give their horizon in batches.",
+       SCHEDULERS),
     # -------------------------------------------------------------------------- runtime
     _r("nonfinite-loss", "The loss became NaN or Inf",
        "A module produced NaN/Inf: too high a learning rate, a log or division of zero, or "
@@ -220,12 +259,13 @@ TIERS: dict[str, int] = {
                      "input-scaled-twice", "channel-order", "train-test-leak", "blank-images",
                      "softmax-before-ce", "nll-input", "label-conflict",
                      "log-softmax-before-ce", "stacked-linear", "params-not-in-optimizer",
-                     "split-mismatch", "data-order",
+                     "split-mismatch", "data-order", "output-range", "loss-weights",
+                     "label-noise", "lr-schedule", "step-without-grad",
                      "frozen-layer", "wrong-mode", "grad-accumulation", "nondeterministic-eval",
                      "batch-dependence", "label-leak", "class-imbalance", "input-std",
                      "norm-stats-not-train", "duplicates-within", "near-duplicates"], 0),
     **dict.fromkeys(["lr-too-high", "lr-too-low", "no-label-signal", "ignores-input",
-                     "momentum-high",
+                     "momentum-high", "dropout-high", "weight-decay-high",
                      "params-never-change", "nonfinite-loss", "lr-suggestion"], 1),
     **dict.fromkeys(["cannot-overfit", "plateau", "update-ratio", "exploding-gradients",
                      "vanishing-gradients", "dead-channels", "initial-loss"], 2),

@@ -42,10 +42,13 @@ class DoctorMonitor(Callback):
         stop_on_divergence: set ``state.should_stop`` when the loss becomes non-finite or blows
             up, with the finding as the stop reason.
         intentionally_frozen: parameter names that are frozen on purpose.
+        lr_window: the first steps in which a learning rate that collapses is a schedule bug
+            (default: the first quarter of the run, where no sane schedule has decayed yet).
     """
 
     def __init__(self, every: int | None = None, num_classes: int | None = None,
-                 stop_on_divergence: bool = True, intentionally_frozen: Sequence[str] = ()):
+                 stop_on_divergence: bool = True, intentionally_frozen: Sequence[str] = (),
+                 lr_window: int | None = None):
         self.every_arg = every
         self.every = every or 25
         self.num_classes = num_classes
@@ -75,6 +78,12 @@ class DoctorMonitor(Callback):
         self._high_loss = 0
         self._model: nn.Module | None = None
         self.seconds = 0.0  # time spent in the monitor's own work (sampling, activation stats)
+        self.lr_window = lr_window
+        self._probes: list[nn.Parameter] = []
+        self._steps_checked = 0
+        self._gradless_steps = 0
+        self._lrs: list[float] = []
+        self._initial_lr: float | None = None
 
     # ------------------------------------------------------------------------ wiring
 
@@ -82,6 +91,11 @@ class DoctorMonitor(Callback):
         model = self._model = state.model
         if self.every_arg is None:
             self.every = max(1, min(25, state.steps_per_epoch // 4))
+        if self.lr_window is None:
+            self.lr_window = max(1, state.total_steps // 4)
+        group = state.optimizer.param_groups[0] if state.optimizer.param_groups else {}
+        base = group.get("initial_lr")  # set by a scheduler attached to the optimizer
+        self._initial_lr = float(base) if isinstance(base, (int, float)) else None
         if not self.frozen:
             self.frozen = set(getattr(model, "frozen_by_design", ()))
         self._start = {n: p.detach().clone() for n, p in model.named_parameters()
@@ -94,13 +108,16 @@ class DoctorMonitor(Callback):
             self._hooks += self._root_hooks(model)
         self._hooks.append(state.optimizer.register_step_pre_hook(self._before_step))
         self._hooks.append(state.optimizer.register_step_post_hook(self._after_step))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self._probes = trainable[:1] + trainable[-1:]  # first and last: cheap to look at
         probe = next((p for n, p in model.named_parameters() if p.requires_grad), None)
         if probe is not None:
             self._hooks.append(probe.register_hook(lambda g: self._grad_arrives(probe)))
         self.report.checks_run += ["nonfinite-loss", "exploding-gradients",
                                    "vanishing-gradients", "update-ratio", "dead-channels",
                                    "plateau", "params-never-change", "grad-accumulation",
-                                   "wrong-mode", "blank-images"]
+                                   "wrong-mode", "blank-images", "lr-schedule",
+                                   "step-without-grad"]
 
     def _root_hooks(self, model: nn.Module) -> list[Any]:
         return [model.register_forward_pre_hook(self._root_pre),
@@ -169,6 +186,11 @@ class DoctorMonitor(Callback):
         self._steps_since_backward = 0
 
     def _before_step(self, opt: torch.optim.Optimizer, *args: Any) -> None:
+        if self._on_cpu or self._armed:  # on accelerators only when sampling (a read-back)
+            self._steps_checked += 1
+            # None, not zero: a confidently fitted batch has exactly zero gradients too
+            if self._probes and all(p.grad is None for p in self._probes):
+                self._gradless_steps += 1
         if self._logits_bad and not self._replayed:
             self._replayed = True
             self._replay(self._step + 1)  # the step now running (steps count from 1)
@@ -183,6 +205,9 @@ class DoctorMonitor(Callback):
     def on_step_end(self, state: TrainState, loss: torch.Tensor, inputs: torch.Tensor,
                     labels: torch.Tensor) -> None:
         self._step = state.step
+        if len(self._lrs) < (self.lr_window or 0) and state.optimizer.param_groups:
+            lr = state.optimizer.param_groups[0]["lr"]
+            self._lrs.append(float(lr))
         sampling = self._armed or (state.step + 1) % self.every == 0
         if self._bad_flag is not None and (sampling or state.step >= state.total_steps):
             self._logits_bad = self._logits_bad or bool(self._bad_flag)
@@ -393,6 +418,13 @@ class DoctorMonitor(Callback):
                 self.report.add("exploding-gradients", Severity.WARNING,
                                 f"first/last layer gradient RMS ratio is {r:.2g} (> 1e3)",
                                 value=r, threshold=1e3)
+        self._schedule_findings(state)
+        if self._steps_checked >= 5 and self._gradless_steps > self._steps_checked / 2:
+            self.report.add("step-without-grad", Severity.ERROR,
+                            f"in {self._gradless_steps} of {self._steps_checked} steps the "
+                            "optimizer stepped while neither the first nor the last "
+                            "trainable tensor had a gradient (.grad was None)", value=self._gradless_steps,
+                            steps=self._steps_checked)
         if not self._logits_bad:
             self._ratio_findings(state.total_steps)
             self._dead_findings()
@@ -406,6 +438,35 @@ class DoctorMonitor(Callback):
                                 modules=unchanged)
         self.report.series["monitor"] = self.series
         return self.report
+
+    def _schedule_findings(self, state: TrainState) -> None:
+        """The learning rate, as the optimizer held it after each of the first ``lr_window``
+        steps: falling below 1% of an earlier value there, or staying below 1% of the base lr a
+        scheduler recorded (``initial_lr``), is a schedule that ends training before it
+        starts. Warm-up (a rise) never counts."""
+        lrs = self._lrs
+        if len(lrs) < 10:
+            return
+        if self._initial_lr is None and state.optimizer.param_groups:  # a scheduler made later
+            base = state.optimizer.param_groups[0].get("initial_lr")
+            self._initial_lr = float(base) if isinstance(base, (int, float)) else None
+        peak, fell_at = 0.0, None
+        for i, lr in enumerate(lrs):
+            if peak > 0 and lr <= 0.01 * peak * (1 + 1e-6):
+                fell_at = i
+                break
+            peak = max(peak, lr)
+        if fell_at is not None:
+            self.report.add("lr-schedule", Severity.ERROR,
+                            f"the learning rate fell from {peak:.3g} to {lrs[fell_at]:.3g} "
+                            f"by step {fell_at + 1} (below 1% of its peak; "
+                            f"{lrs[-1]:.3g} at step {len(lrs)})", value=lrs[fell_at],
+                            peak=peak, step=fell_at + 1)
+        elif self._initial_lr and max(lrs) < 0.01 * self._initial_lr:
+            self.report.add("lr-schedule", Severity.ERROR,
+                            f"a scheduler holds the learning rate at {max(lrs):.3g} or below "
+                            f"for the first {len(lrs)} steps, under 1% of its base lr "
+                            f"{self._initial_lr:.3g}", value=max(lrs), base=self._initial_lr)
 
     def _ratio_findings(self, total_steps: int) -> None:
         """Error when a layer's median ratio is outside [1e-5, 1e-1]; warning when most layers
@@ -423,7 +484,13 @@ class DoctorMonitor(Callback):
         if not meds:
             return
         self.report.context["update_ratio_median"] = meds
-        far = {n: m for n, m in meds.items() if m > 1e-1 or m < 1e-5}
+        # One layer stepping by a tenth of its size or more is unstable on its own; far too
+        # small steps matter when they are the rule (a slow layer among learning ones is not
+        # broken: small biases-like tensors and heads often sit there).
+        far = {n: m for n, m in meds.items() if m > 1e-1}
+        low = {n: m for n, m in meds.items() if m < 1e-5}
+        if len(low) > len(meds) / 2:
+            far.update(low)
         out = {n: m for n, m in meds.items() if m > 1e-2 or m < 1e-4}
         if far:
             n, m = max(far.items(), key=lambda kv: abs(math.log10(kv[1]) + 3))
