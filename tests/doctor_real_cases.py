@@ -304,14 +304,6 @@ def adamw(lr: float = 1e-3, wd: float = 0.05):
 # ------------------------------------------------------------------------------- steps
 
 
-def _zero_backward_step(model, optimizer, loss_fn, x, y):
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    return loss
-
-
 def step_without_zero_grad(model, optimizer, loss_fn, x, y):
     model.train()
     loss = loss_fn(model(x), y)
@@ -322,10 +314,9 @@ def step_without_zero_grad(model, optimizer, loss_fn, x, y):
 
 def step_in_eval_mode(model, optimizer, loss_fn, x, y):
     model.eval()  # left over from a validation pass: BatchNorm and dropout in inference mode
-    return _finish(_zero_backward_step(model, optimizer, loss_fn, x, y), optimizer)
-
-
-def _finish(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    optimizer.zero_grad()
+    loss = loss_fn(model(x), y)
+    loss.backward()
     optimizer.step()
     return loss.detach()
 
@@ -604,6 +595,10 @@ def cases() -> list[Case]:
         Case("dropout-keep-prob-as-rate", "model",
              lambda d: S(d, lambda: MLP(dropout=0.9), opt=adam(1e-3)),
              {"dropout-high", "cannot-overfit"}, {"dropout-high"}, TF_KEEP),
+        Case("functional-dropout-keep-prob", "model",
+             lambda d: S(d, lambda: VGGish(p=0.95), opt=adam(1e-3)),
+             {"dropout-high", "cannot-overfit"}, {"dropout-high"},
+             TF_KEEP + " (F.dropout in forward)"),
         Case("convs-without-activations", "model",
              lambda d: S(d, lambda: ConvNet(bn=False, relu_between=False), opt=sgd(0.01)),
              {"stacked-linear"}, {"stacked-linear"},
@@ -674,42 +669,47 @@ def cases() -> list[Case]:
         # -------------------------------------------------------------------- schedule bugs
         Case("steplr-per-batch", "schedule", lambda d: S(d, ConvNet, step_fn=scheduled(
             lambda o: torch.optim.lr_scheduler.StepLR(o, 30, 0.1), per_batch=True)),
-             {"lr-schedule"}, {"lr-schedule"}, SCHED),
+             {"lr-schedule", "step-fn"}, {"lr-schedule"}, SCHED),
         Case("exponentiallr-per-batch", "schedule", lambda d: S(d, ResNet8, opt=sgd(0.1),
                                                                 step_fn=scheduled(
             lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.95), per_batch=True)),
-             {"lr-schedule"}, {"lr-schedule"}, SCHED),
+             {"lr-schedule", "step-fn"}, {"lr-schedule"}, SCHED),
         Case("cosine-epochs-per-batch", "schedule", lambda d: S(d, ConvNet, step_fn=scheduled(
             lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30), per_batch=True)),
-             {"lr-schedule"}, {"lr-schedule"}, SCHED + " (T_max given in epochs)"),
+             {"lr-schedule", "step-fn"}, {"lr-schedule"}, SCHED + " (T_max given in epochs)"),
         Case("warmup-steps-per-epoch", "schedule", lambda d: S(d, ConvNet, step_fn=scheduled(
             _warmup_per_epoch, per_batch=False)),
-             {"lr-schedule", "lr-too-low", "params-never-change", "cannot-overfit"},
+             {"lr-schedule", "lr-too-low", "params-never-change", "cannot-overfit", "step-fn"},
              {"lr-schedule"}, "a 1,000-step warm-up stepped once per epoch"),
         # ------------------------------------------------------------------------ loop bugs
         Case("missing-zero-grad", "loop", lambda d: S(d, ConvNet, step_fn=step_without_zero_grad),
-             {"grad-accumulation"}, {"grad-accumulation"}, ZERO_GRAD),
+             {"grad-accumulation", "step-fn"}, {"grad-accumulation", "step-fn"}, ZERO_GRAD),
         Case("trains-in-eval-mode", "loop", lambda d: S(d, ConvNet, step_fn=step_in_eval_mode),
-             {"wrong-mode"}, {"wrong-mode"}, IVANOV + ": 'Switch from Train to Test mode'"),
+             {"wrong-mode", "step-fn"}, {"wrong-mode", "step-fn"}, IVANOV + ": 'Switch from Train to Test mode'"),
         Case("step-before-backward", "loop", lambda d: S(d, ConvNet, step_fn=step_before_backward),
-             {"params-never-change", "step-without-grad"}, {"step-without-grad"},
+             {"params-never-change", "step-without-grad", "step-fn"},
+             {"step-without-grad", "step-fn"},
              "optimizer.step() before loss.backward() (PyTorch docs: backward, then step)"),
         Case("backward-missing", "loop", lambda d: S(d, ConvNet, step_fn=step_without_backward),
-             {"params-never-change", "step-without-grad"}, {"step-without-grad"}, ZERO_GRAD),
+             {"params-never-change", "step-without-grad", "step-fn"},
+             {"step-without-grad", "step-fn"}, ZERO_GRAD),
         Case("zero-grad-after-backward", "loop",
              lambda d: S(d, ConvNet, step_fn=step_zero_grad_after_backward),
-             {"params-never-change", "step-without-grad"}, {"step-without-grad"},
+             {"params-never-change", "step-without-grad", "step-fn"},
+             {"step-without-grad", "step-fn"},
              ZERO_GRAD),
         Case("labels-shuffled-per-batch", "loop",
              lambda d: S(d, ConvNet, step_fn=step_shuffling_labels),
-             {"no-label-signal", "plateau", "cannot-overfit"}, {"no-label-signal"},
+             {"no-label-signal", "plateau", "cannot-overfit", "step-fn"},
+             {"no-label-signal", "step-fn"},
              IVANOV + ": 'Check the data loader'"),
         Case("grad-clip-1e-4", "loop", lambda d: S(d, ConvNet, step_fn=step_tiny_clip),
-             {"lr-too-low", "update-ratio", "cannot-overfit", "plateau"},
-             {"lr-too-low"}, "clip_grad_norm_ with max_norm 1e-4 where 1.0 was meant"),
+             {"lr-too-low", "update-ratio", "cannot-overfit", "plateau", "step-fn"},
+             {"lr-too-low", "step-fn"}, "clip_grad_norm_ with max_norm 1e-4 where 1.0 was meant"),
         Case("augmentation-blanks-images", "loop",
              lambda d: S(d, ConvNet, step_fn=step_blanking_augmentation),
-             {"blank-images", "no-label-signal"}, {"blank-images"},
+             {"blank-images", "no-label-signal", "step-fn"},
+             {"blank-images", "step-fn"},
              IVANOV + ": 'Do you have too much data augmentation?'"),
     ]
 

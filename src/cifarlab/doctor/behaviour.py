@@ -4,8 +4,9 @@ an LR range test."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.doctor.findings import Report, Severity
-from cifarlab.doctor.subject import Subject
+from cifarlab.doctor.subject import StepFn, Subject, default_step
 
 __all__ = ["behaviour_checks"]
 
@@ -63,29 +64,59 @@ def behaviour_checks(s: Subject, report: Report, seed: int = 0) -> None:
                    f"two eval passes differ by up to {float((o1 - o2).abs().max()):.3g}",
                    value=float((o1 - o2).abs().max()), threshold=1e-5)
     else:
-        xg = xb.clone().requires_grad_(True)
-        out = model(xg).float()
-        out[0].sum().backward()
-        assert xg.grad is not None
-        leak = float(xg.grad[1:].abs().max())
-        if leak > 1e-6:
-            report.add("batch-dependence", Severity.ERROR,
-                       f"d output[0] / d input[j≠0] reaches {leak:.3g} (must be 0 in eval mode)",
-                       value=leak, threshold=0.0)
-        # Ignoring the input means the output does not depend on it at all: the gradient of
-        # the output with respect to the input is exactly zero. A merely tiny gradient
-        # (saturated or vanishing activations) is a different problem, found elsewhere.
-        xg = xb.clone().requires_grad_(True)
-        model(xg).float().sum().backward()
-        assert xg.grad is not None
-        if float(xg.grad.abs().max()) == 0.0:
-            report.add("ignores-input", Severity.ERROR,
-                       "the model's output does not depend on its input (its gradient with "
-                       "respect to the input is exactly 0)", value=0.0)
+        _input_gradient_checks(model, xb, report)
 
     _overfit_one_batch(s, report, x_all, y_all, gen)
-    _label_signal(s, report, x_all, y_all, gen, chance)
+    _dropout_rates(s, report, x_all[:8])
+    # the label tests train the model: with one batch beyond reach they could say nothing
+    if not any(f.rule == "cannot-overfit" for f in report.findings):
+        _label_signal(s, report, x_all, y_all, gen, chance)
     _lr_range(s, report, x_all, y_all, gen)
+
+
+def _dropout_rates(s: Subject, report: Report, xb: torch.Tensor) -> None:
+    """The drop probabilities a training forward pass uses (modules and functional calls
+    alike). 0.8 or more is almost always a keep probability passed as the drop rate; when the
+    failed one-batch fit already named dropout, that finding stands."""
+    if any(f.rule == "dropout-high" for f in report.findings):
+        return
+    model = s.fresh_model().train()
+    with _dropout_off() as calls, torch.no_grad():
+        model(xb)
+    if calls and max(calls) >= 0.8:
+        report.add("dropout-high", Severity.WARNING,
+                   f"a training forward pass drops activations with p = {max(calls):g}: "
+                   f"{max(calls):.0%} of them are zeroed (a keep probability passed as the "
+                   "drop rate?)", value=max(calls), threshold=0.8)
+
+
+def _input_gradient_checks(model: nn.Module, xb: torch.Tensor, report: Report) -> None:
+    """Batch independence and use of the input, from gradients with respect to the input. A
+    forward pass with no gradient path back to the input (a .detach() or no_grad inside
+    forward) says nothing here; the monitors find the layers it cuts off."""
+    xg = xb.clone().requires_grad_(True)
+    out = model(xg).float()
+    if not out.requires_grad:
+        report.context["input_gradient"] = "none: the output has no gradient path to the input"
+        return
+    (grad,) = torch.autograd.grad(out[0].sum(), xg, allow_unused=True)
+    if grad is None:
+        report.context["input_gradient"] = "none: the output has no gradient path to the input"
+        return
+    leak = float(grad[1:].abs().max())
+    if leak > 1e-6:
+        report.add("batch-dependence", Severity.ERROR,
+                   f"d output[0] / d input[j≠0] reaches {leak:.3g} (must be 0 in eval mode)",
+                   value=leak, threshold=0.0)
+    # Ignoring the input means the output does not depend on it at all: the gradient of
+    # the output with respect to the input is exactly zero. A merely tiny gradient
+    # (saturated or vanishing activations) is a different problem, found elsewhere.
+    xg = xb.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg).float().sum(), xg, allow_unused=True)
+    if grad is not None and float(grad.abs().max()) == 0.0:
+        report.add("ignores-input", Severity.ERROR,
+                   "the model's output does not depend on its input (its gradient with "
+                   "respect to the input is exactly 0)", value=0.0)
 
 
 def _plain_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -95,13 +126,13 @@ def _plain_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
     return loss_fn
 
 
-def _fit_batch(s: Subject, model: nn.Module, opt: torch.optim.Optimizer,
+def _fit_batch(step_fn: StepFn, model: nn.Module, opt: torch.optim.Optimizer,
                loss_fn: Callable[..., torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                steps: int, target: float, curve: list[float], done: int = 0) -> int | None:
     """Train ``model`` on one batch from step ``done`` to ``steps``, measuring the train-mode
     loss every 5 steps into ``curve``; returns the step the loss fell below ``target``."""
     for step in range(done, steps):
-        s.step_fn(model, opt, loss_fn, xb, yb)
+        step_fn(model, opt, loss_fn, xb, yb)
         if (step + 1) % 5 and step + 1 < steps:
             continue  # measured every 5 steps: each measurement is a forward pass
         with torch.no_grad():  # train mode, as the step saw it (eval-mode BN stats lag)
@@ -138,10 +169,11 @@ def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Ten
     model = s.fresh_model()
     opt = s.optimizer_for(model)
     loss_fn = _plain_loss(s.loss_fn)
+    start = [p.detach().clone() for p in model.parameters()]
     curve: list[float] = []
-    reached = _fit_batch(s, model, opt, loss_fn, xb, yb, steps, target, curve)
+    reached = _fit_batch(s.step_fn, model, opt, loss_fn, xb, yb, steps, target, curve)
     if reached is None and _still_falling(curve):
-        reached = _fit_batch(s, model, opt, loss_fn, xb, yb, patience, target, curve,
+        reached = _fit_batch(s.step_fn, model, opt, loss_fn, xb, yb, patience, target, curve,
                              done=steps)
     report.series["overfit_one_batch"] = {"step": [5 * (i + 1) for i in range(len(curve))],
                                           "loss": curve}
@@ -157,34 +189,83 @@ def _overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Ten
                f"after {done} steps on one batch of 32 the loss is "
                f"{curve[-1]:.3g} (best {best:.3g}); target < 0.05·ln C = {target:.3f} "
                f"within {steps} steps", value=best, threshold=target, step=done)
-    _ablate(s, report, xb, yb, loss_fn, steps, patience, target)
+    moved = any(not torch.equal(p.detach(), p0) for p, p0 in zip(model.parameters(), start,
+                                                                  strict=True))
+    _ablate(s, report, xb, yb, loss_fn, steps, patience, target, moved)
+
+
+@contextlib.contextmanager
+def _dropout_off() -> Iterator[list[float]]:
+    """Every dropout in the model off, as modules (nn.Dropout calls these functions) or
+    written functionally (F.dropout in forward): the functions become the identity while the
+    block runs. Yields the drop probabilities of the calls seen."""
+    names = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+             "feature_alpha_dropout")
+    saved = {n: getattr(F, n) for n in names if hasattr(F, n)}
+    seen: list[float] = []
+
+    def identity(x: torch.Tensor, p: float = 0.5, *args: object, **kwargs: object) -> torch.Tensor:
+        if p > 0 and (kwargs.get("training", args[0] if args else True)):
+            seen.append(float(p))
+        return x
+
+    for n in saved:
+        setattr(F, n, identity)
+    try:
+        yield seen
+    finally:
+        for n, f in saved.items():
+            setattr(F, n, f)
 
 
 def _ablate(s: Subject, report: Report, xb: torch.Tensor, yb: torch.Tensor,
-            loss_fn: Callable[..., torch.Tensor], steps: int, patience: int,
-            target: float) -> None:
-    def fits(model: nn.Module, opt: torch.optim.Optimizer) -> int | None:
+            loss_fn: Callable[..., torch.Tensor], steps: int, patience: int, target: float,
+            moved: bool) -> None:
+    """One batch could not be fitted: find what it takes. Each ablation changes one thing on
+    a fresh copy and repeats the test; the first that makes the batch fit names the cause:
+    the user's step function (replaced by a plain step), dropout, weight decay, then the
+    learning rate (smaller first: a too-high lr is the commoner bug). When no parameter moved
+    at all, only the step function can be at fault (nothing trained)."""
+    def fits(model: nn.Module, opt: torch.optim.Optimizer,
+             step_fn: StepFn = s.step_fn) -> int | None:
         curve: list[float] = []
-        hit = _fit_batch(s, model, opt, loss_fn, xb, yb, steps, target, curve)
+        hit = _fit_batch(step_fn, model, opt, loss_fn, xb, yb, steps, target, curve)
         if hit is None and _still_falling(curve):
-            hit = _fit_batch(s, model, opt, loss_fn, xb, yb, patience, target, curve,
+            hit = _fit_batch(step_fn, model, opt, loss_fn, xb, yb, patience, target, curve,
                              done=steps)
         return hit
 
+    if s.step_fn is not default_step:
+        model = s.fresh_model()
+        hit = fits(model, s.optimizer_for(model), default_step)
+        if hit is not None:
+            # a warning: it says where the fault is, not what it is; a rule that names the
+            # fault (a schedule, a missing backward) outranks it
+            report.add("step-fn", Severity.WARNING,
+                       "with your training step one batch of 32 cannot be fitted; with a plain "
+                       f"step (zero_grad, forward, backward, step) it is, in {hit} steps",
+                       plain_steps=hit)
+            return
+    if not moved:
+        return
     model = s.fresh_model()
     drops = {n: float(m.p) for n, m in model.named_modules()
              if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
-    if drops:
-        for m in model.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd):
-                m.p = 0.0
-        hit = fits(model, s.optimizer_for(model))
+    with _dropout_off() as calls, torch.no_grad():
+        model(xb[:2])  # which dropout calls a training forward makes
+    if calls:
+        with _dropout_off():
+            hit = fits(model, s.optimizer_for(model))
         if hit is not None:
-            worst = max(drops.items(), key=lambda kv: kv[1])
+            if drops:
+                module, p = max(drops.items(), key=lambda kv: kv[1])
+                where = f"p up to {p:g} in {module}"
+            else:
+                where = f"p up to {max(calls):g}, written functionally"
             report.add("dropout-high", Severity.ERROR,
-                       f"with dropout (p up to {worst[1]:g} in {worst[0]}) one batch of 32 "
-                       f"cannot be fitted; with dropout off it is, in {hit} steps",
-                       value=worst[1], module=worst[0], modules=drops)
+                       f"with dropout ({where}) one batch of 32 cannot be fitted; with "
+                       f"dropout off it is, in {hit} steps",
+                       value=max([*drops.values(), *calls]), modules=drops)
             return
     if s.optimizer is not None and any(g.get("weight_decay", 0) for g in
                                        s.optimizer.param_groups):
@@ -198,14 +279,28 @@ def _ablate(s: Subject, report: Report, xb: torch.Tensor, yb: torch.Tensor,
             report.add("weight-decay-high", Severity.ERROR,
                        f"with weight decay {wd:g} one batch of 32 cannot be fitted; with "
                        f"weight decay 0 it is, in {hit} steps", value=wd)
+            return
+    for scale in (0.1, 0.01, 10.0, 100.0, 1000.0):
+        model = s.fresh_model()
+        opt = s.optimizer_for(model, lr_scale=scale)
+        hit = fits(model, opt)
+        if hit is not None:
+            lr = opt.param_groups[0]["lr"] / scale
+            rule = "lr-too-high" if scale < 1 else "lr-too-low"
+            report.add(rule, Severity.ERROR,
+                       f"at the configured lr {lr:.3g} one batch of 32 cannot be fitted; at "
+                       f"{scale:g}× ({lr * scale:.3g}) it is, in {hit} steps", value=lr,
+                       lr_scale=scale)
+            return
 
 
 def _short_train(s: Subject, x: torch.Tensor, y: torch.Tensor, steps: int,
-                 gen: torch.Generator, batch: int = 64) -> tuple[nn.Module, float, float]:
+                 gen: torch.Generator, batch: int = 64,
+                 lr_scale: float = 1.0) -> tuple[nn.Module, float, float]:
     """A throw-away model trained for ``steps``; returns it with its mean training loss per
     sample over the last quarter of the steps and over the first quarter."""
     model = s.fresh_model()
-    opt = s.optimizer_for(model)
+    opt = s.optimizer_for(model, lr_scale=lr_scale)
     early, late = [], []
     for k in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
@@ -300,6 +395,20 @@ def _label_signal(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
         return
     if fits and math.isfinite(real_fit) and math.isfinite(shuf_fit) and real_fit >= 0 and \
             shuf_fit >= 0 and real <= chance + margin and real_fit > 0.85 * shuf_fit:
+        # Nothing learned: the labels, or a learning rate too high for batches of 64 (a loss
+        # summed over the batch with an lr meant for its mean, say). Smaller lrs tell them
+        # apart: real labels are learned at one of them, meaningless ones at none.
+        for scale in (0.1, 0.01):
+            model, _, _ = _short_train(s, xs, ys, steps, gen, lr_scale=scale)
+            acc = _accuracy(model, vx, vy)
+            if acc > chance + margin:
+                report.add("lr-too-high", Severity.ERROR,
+                           f"after {steps} steps at the configured lr the model learns "
+                           f"nothing (validation accuracy {real:.3f}, chance {chance:.3f}); "
+                           f"at {scale:g}× the lr it reaches {acc:.3f}: the labels are fine, "
+                           "the lr is too high", value=real, lr_scale=scale,
+                           val_acc_scaled=acc)
+                return
         report.add("no-label-signal", Severity.ERROR,
                    f"after {steps} steps the training loss with the given labels is "
                    f"{real_fit:.3f}, about that with shuffled labels ({shuf_fit:.3f}; healthy: "

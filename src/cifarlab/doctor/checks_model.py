@@ -127,6 +127,9 @@ _BOUNDED_OUTPUT = {
                       "confident, so the loss has a floor", Severity.ERROR),
     "HardtanhBackward0": ("hardtanh/ReLU6", "clipped to a fixed range", Severity.ERROR),
     "ClampBackward1": ("clamp", "clipped to a fixed range", Severity.WARNING),
+    "ThresholdBackward0": ("threshold", "clamped at a threshold", Severity.WARNING),
+    "HardsigmoidBackward0": ("hardsigmoid", "clipped into [0, 1]: the softmax over them can "
+                             "never be confident, so the loss has a floor", Severity.ERROR),
 }
 
 

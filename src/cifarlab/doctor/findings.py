@@ -207,6 +207,13 @@ RULES: dict[str, Rule] = {r.id: r for r in [
        "loss.backward(), clears the gradients between backward() and step(), or never calls "
        "backward().", "Order each step as zero_grad(), forward, loss.backward(), step().",
        IVANOV),
+    _r("step-fn", "Your training step breaks training",
+       "One batch cannot be memorized with the training step you gave, but can with a plain "
+       "step (zero_grad, forward, backward, step) and the same model, optimizer and loss: the "
+       "step changes the inputs or labels (an augmentation, labels shuffled apart from their "
+       "images), the mode, the gradients (clipping, scaling) or the update.",
+       "Compare your step with the plain one line by line; check what it does to x, y and "
+       "the gradients.", KARPATHY),
     _r("lr-schedule", "The learning-rate schedule collapses at the start of training",
        "The scheduler drives the learning rate to (almost) zero within the first steps: an "
        "epoch-based scheduler (StepLR, ExponentialLR, CosineAnnealingLR with T_max in "
@@ -260,15 +267,16 @@ TIERS: dict[str, int] = {
                      "softmax-before-ce", "nll-input", "label-conflict",
                      "log-softmax-before-ce", "stacked-linear", "params-not-in-optimizer",
                      "split-mismatch", "data-order", "output-range", "loss-weights",
-                     "label-noise", "lr-schedule", "step-without-grad",
+                     "label-noise", "lr-schedule", "step-without-grad", "step-fn",
                      "frozen-layer", "wrong-mode", "grad-accumulation", "nondeterministic-eval",
                      "batch-dependence", "label-leak", "class-imbalance", "input-std",
                      "norm-stats-not-train", "duplicates-within", "near-duplicates"], 0),
     **dict.fromkeys(["lr-too-high", "lr-too-low", "no-label-signal", "ignores-input",
+                     "vanishing-gradients",
                      "momentum-high", "dropout-high", "weight-decay-high",
-                     "params-never-change", "nonfinite-loss", "lr-suggestion"], 1),
+                     "params-never-change", "lr-suggestion"], 1),
     **dict.fromkeys(["cannot-overfit", "plateau", "update-ratio", "exploding-gradients",
-                     "vanishing-gradients", "dead-channels", "initial-loss"], 2),
+                     "dead-channels", "initial-loss", "nonfinite-loss"], 2),
 }
 
 

@@ -284,7 +284,8 @@ class DoctorMonitor(Callback):
             rms = [v / math.sqrt(g.numel()) for v, (_, g) in zip(norms, grads, strict=True)]
             if rms[-1] > 0:
                 self._first_last.append(rms[0] / rms[-1])
-        if len(self._norms) >= 5 and total > 20 * float(np.median(self._norms)) and total > 0:
+        median = float(np.median(self._norms)) if self._norms else 0.0
+        if len(self._norms) >= 5 and median > 0 and total > 20 * median:
             self.report.add("exploding-gradients", Severity.WARNING,
                             f"gradient norm {total:.3g} at step {state.step} is "
                             f"{total / float(np.median(self._norms)):.0f}× its running median",

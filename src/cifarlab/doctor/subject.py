@@ -7,7 +7,7 @@ cifarlab config and dataset, exactly as :func:`cifarlab.train.train` would feed 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from cifarlab.data import SplitData
 from cifarlab.hardware import resolve_precision
 from cifarlab.index import ContentIndex
 from cifarlab.infer import Normalizer, to_device_images
+from cifarlab.loader import DeviceLoader
 from cifarlab.optim import build_optimizer
 from cifarlab.trainer import training_step
 
@@ -158,6 +159,7 @@ def subject_from_config(config: TrainConfig, data: SplitData, sample: int = 4096
         fingerprints = prepared.fingerprint_index("pixels")
     test = data.test
     return Subject(
+        loader=_TrainerBatches(data, config, norm, cpu),
         model=model, train_x=x, train_y=y, num_classes=n_classes, loss_fn=loss_fn,
         optimizer=optimizer, val_x=vx, val_y=vy, make_model=make_model, step_fn=step,
         mean=list(data.mean), std=list(data.std), images=full.images,
@@ -166,3 +168,15 @@ def subject_from_config(config: TrainConfig, data: SplitData, sample: int = 4096
         filenames=full.filenames, test_filenames=test.filenames,
         fingerprints=fingerprints, intentionally_frozen=frozen, batch_size=32,
     )
+
+
+class _TrainerBatches:
+    """The first epoch's batches exactly as cifarlab's trainer draws them (its DeviceLoader:
+    order, augmentation, normalization), built only when the doctor reads them."""
+
+    def __init__(self, data: SplitData, config: TrainConfig, norm: Normalizer,
+                 device: torch.device):
+        self.data, self.config, self.norm, self.device = data, config, norm, device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(DeviceLoader(self.data.train, self.config, self.norm, self.device))
