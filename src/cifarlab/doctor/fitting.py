@@ -18,8 +18,6 @@ from cifarlab.doctor.subject import StepFn, Subject, default_step
 
 __all__ = ["dropout_rates", "overfit_one_batch", "plain_loss"]
 
-log_c = math.log
-
 
 def plain_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The user's loss with label smoothing removed (it puts a floor under the loss)."""
@@ -58,14 +56,25 @@ def _still_falling(curve: list[float]) -> bool:
             and float(np.mean(curve[-third:])) < float(np.mean(curve[-2 * third:-third])))
 
 
+def _fit_with_patience(step_fn: StepFn, model: nn.Module, opt: torch.optim.Optimizer,
+                       loss_fn: Callable[..., torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                       steps: int, patience: int, target: float,
+                       curve: list[float]) -> int | None:
+    """:func:`_fit_batch` for ``steps``, then on to ``patience`` while the loss keeps falling."""
+    hit = _fit_batch(step_fn, model, opt, loss_fn, xb, yb, steps, target, curve)
+    if hit is None and _still_falling(curve):
+        hit = _fit_batch(step_fn, model, opt, loss_fn, xb, yb, patience, target, curve,
+                         done=steps)
+    return hit
+
+
 def overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Tensor,
                        gen: torch.Generator, steps: int = 200, patience: int = 1000) -> None:
     """Karpathy's first test: memorize one batch of 32. A slow but correct model (a small lr)
     gets up to ``patience`` steps while its loss keeps falling. When the batch cannot be fitted,
-    the same test runs without dropout and without weight decay: the one whose removal makes
-    the batch fit is named as the cause."""
+    :func:`_ablate` looks for the one change that makes it fit."""
     c = s.num_classes
-    target = 0.05 * log_c(c)
+    target = 0.05 * math.log(c)
     idx = torch.randperm(len(x), generator=gen)[:32]
     xb, yb = x[idx], y[idx]
     model = s.fresh_model()
@@ -73,10 +82,8 @@ def overfit_one_batch(s: Subject, report: Report, x: torch.Tensor, y: torch.Tens
     loss_fn = plain_loss(s.loss_fn)
     start = [p.detach().clone() for p in model.parameters()]
     curve: list[float] = []
-    reached = _fit_batch(s.step_fn, model, opt, loss_fn, xb, yb, steps, target, curve)
-    if reached is None and _still_falling(curve):
-        reached = _fit_batch(s.step_fn, model, opt, loss_fn, xb, yb, patience, target, curve,
-                             done=steps)
+    reached = _fit_with_patience(s.step_fn, model, opt, loss_fn, xb, yb, steps, patience,
+                                 target, curve)
     report.series["overfit_one_batch"] = {"step": [5 * (i + 1) for i in range(len(curve))],
                                           "loss": curve}
     if reached is not None:
@@ -130,12 +137,8 @@ def _ablate(s: Subject, report: Report, xb: torch.Tensor, yb: torch.Tensor,
     at all, only the step function can be at fault (nothing trained)."""
     def fits(model: nn.Module, opt: torch.optim.Optimizer,
              step_fn: StepFn = s.step_fn) -> int | None:
-        curve: list[float] = []
-        hit = _fit_batch(step_fn, model, opt, loss_fn, xb, yb, steps, target, curve)
-        if hit is None and _still_falling(curve):
-            hit = _fit_batch(step_fn, model, opt, loss_fn, xb, yb, patience, target, curve,
-                             done=steps)
-        return hit
+        return _fit_with_patience(step_fn, model, opt, loss_fn, xb, yb, steps, patience,
+                                  target, [])
 
     if s.step_fn is not default_step:
         model = s.fresh_model()

@@ -83,7 +83,6 @@ class DoctorMonitor(Callback):
         self._steps_checked = 0
         self._gradless_steps = 0
         self._lrs: list[float] = []
-        self._initial_lr: float | None = None
 
     # ------------------------------------------------------------------------ wiring
 
@@ -93,9 +92,6 @@ class DoctorMonitor(Callback):
             self.every = max(1, min(25, state.steps_per_epoch // 4))
         if self.lr_window is None:
             self.lr_window = max(1, state.total_steps // 4)
-        group = state.optimizer.param_groups[0] if state.optimizer.param_groups else {}
-        base = group.get("initial_lr")  # set by a scheduler attached to the optimizer
-        self._initial_lr = float(base) if isinstance(base, (int, float)) else None
         if not self.frozen:
             self.frozen = set(getattr(model, "frozen_by_design", ()))
         self._start = {n: p.detach().clone() for n, p in model.named_parameters()
@@ -288,8 +284,8 @@ class DoctorMonitor(Callback):
         if len(self._norms) >= 5 and median > 0 and total > 20 * median:
             self.report.add("exploding-gradients", Severity.WARNING,
                             f"gradient norm {total:.3g} at step {state.step} is "
-                            f"{total / float(np.median(self._norms)):.0f}× its running median",
-                            value=total, threshold=20 * float(np.median(self._norms)),
+                            f"{total / median:.0f}× its running median",
+                            value=total, threshold=20 * median,
                             step=state.step)
         self._norms.append(total)
         # update-to-weight ratios. For SGD the update is lr·grad, CS231n's definition (momentum
@@ -448,9 +444,10 @@ class DoctorMonitor(Callback):
         lrs = self._lrs
         if len(lrs) < 10:
             return
-        if self._initial_lr is None and state.optimizer.param_groups:  # a scheduler made later
-            base = state.optimizer.param_groups[0].get("initial_lr")
-            self._initial_lr = float(base) if isinstance(base, (int, float)) else None
+        # the base lr a scheduler attached to the optimizer records (at any time in the run)
+        base = state.optimizer.param_groups[0].get("initial_lr") \
+            if state.optimizer.param_groups else None
+        initial = float(base) if isinstance(base, (int, float)) else None
         peak, fell_at = 0.0, None
         for i, lr in enumerate(lrs):
             if peak > 0 and lr <= 0.01 * peak * (1 + 1e-6):
@@ -463,11 +460,11 @@ class DoctorMonitor(Callback):
                             f"by step {fell_at + 1} (below 1% of its peak; "
                             f"{lrs[-1]:.3g} at step {len(lrs)})", value=lrs[fell_at],
                             peak=peak, step=fell_at + 1)
-        elif self._initial_lr and max(lrs) < 0.01 * self._initial_lr:
+        elif initial and max(lrs) < 0.01 * initial:
             self.report.add("lr-schedule", Severity.ERROR,
                             f"a scheduler holds the learning rate at {max(lrs):.3g} or below "
                             f"for the first {len(lrs)} steps, under 1% of its base lr "
-                            f"{self._initial_lr:.3g}", value=max(lrs), base=self._initial_lr)
+                            f"{initial:.3g}", value=max(lrs), base=initial)
 
     def _ratio_findings(self, total_steps: int) -> None:
         """Error when a layer's median ratio is outside [1e-5, 1e-1]; warning when most layers
