@@ -133,8 +133,15 @@ def _write_cache(folder: Path, data: PreparedData) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta))  # written last: marks the entry whole
         try:
             os.replace(tmp, folder)
-        except OSError:  # another process won the race, or a stale entry is in the way
-            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            # Another process won the race: its entry is whole (meta.json is written last) and
+            # holds the same data (same key), and it may be reading it now, so it stays. Only an
+            # entry that does not open (stale, another version) is replaced.
+            try:
+                _open_cached(folder)
+                return
+            except (OSError, ValueError, KeyError):
+                shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
