@@ -117,3 +117,54 @@ def test_muon_recipe_trains(learnable):
     cfg.data = DataConfig(source=str(learnable), val_size=40)
     result = train(cfg, progress=False)
     assert result.test_acc is not None and result.test_acc >= 0.9, result.history
+
+
+def test_a_stack_of_matrices_is_orthogonalized_matrix_by_matrix():
+    g = torch.randn(3, 16, 27, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    batched = orthogonalize(g)
+    for i in range(3):
+        assert torch.allclose(batched[i], orthogonalize(g[i]), atol=1e-12)
+    tall = orthogonalize(g.mT)
+    assert torch.allclose(tall, batched.mT, atol=1e-12)
+
+
+def test_filter_banks_of_one_shape_step_as_if_each_were_alone():
+    """Muon orthogonalizes same-shaped banks in one batched iteration: each bank's step is
+    the one it would take alone."""
+    torch.manual_seed(4)
+    convs = [torch.nn.Conv2d(4, 8, 3, bias=False) for _ in range(3)]
+    alone = [torch.nn.Conv2d(4, 8, 3, bias=False) for _ in range(3)]
+    for a, c in zip(alone, convs, strict=True):
+        a.load_state_dict(c.state_dict())
+    together = Muon([c.weight for c in convs], lr=0.1, momentum=0.6, normalize=True)
+    singles = [Muon([a.weight], lr=0.1, momentum=0.6, normalize=True) for a in alone]
+    for _ in range(3):
+        for c, a in zip(convs, alone, strict=True):
+            c.weight.grad = torch.randn_like(c.weight)
+            a.weight.grad = c.weight.grad.clone()
+        together.step()
+        for opt in singles:
+            opt.step()
+    for c, a in zip(convs, alone, strict=True):
+        assert torch.allclose(c.weight, a.weight, atol=1e-5)
+
+
+def test_sgd_groups_match_torch_sgd_when_a_parameter_joins_later():
+    """A parameter without a gradient at first (frozen, then trained) starts its momentum when
+    it joins, and the others keep theirs."""
+    torch.manual_seed(5)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    mine = Muon(a.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01, muon=False)
+    ref = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                          weight_decay=0.01)
+    x = torch.randn(16, 5)
+    for step in range(4):
+        for model, opt in ((a, mine), (b, ref)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            if step < 2:
+                model.bias.grad = None
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-7)

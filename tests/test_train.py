@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cifarlab.builders import build_model
 from cifarlab.callbacks import Callback, StopReason
 from cifarlab.config import DataConfig, TrainConfig
 from cifarlab.data import load_data
@@ -218,3 +219,18 @@ def test_tiny_dataset_smaller_than_a_batch(tmp_path):
     cfg.data.val_size = 0
     result = train(cfg, progress=False)
     assert len(result.history) == 1 and result.test_acc is not None
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_like_the_eager_one(learnable, tmp_path):
+    """``compile: true`` compiles the model in place: it learns as the eager one does, and its
+    weights keep their names, so a run folder loads into an uncompiled model."""
+    cfg = small_config(learnable, epochs=3)
+    eager = train(cfg, data=load_data(cfg.data), progress=False)
+    cfg.compile = True
+    compiled = train(cfg, [RunWriter(tmp_path / "run")], data=load_data(cfg.data), progress=False)
+    assert set(compiled.model.state_dict()) == set(eager.model.state_dict())
+    assert compiled.test_acc >= eager.test_acc - 0.1, (compiled.test_acc, eager.test_acc)
+    assert compiled.history[-1]["train_loss"] < compiled.history[0]["train_loss"]
+    fresh = build_model(cfg, len(eager.classes), 32)
+    fresh.load_state_dict(compiled.model.state_dict())

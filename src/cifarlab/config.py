@@ -92,6 +92,9 @@ class TrainConfig:
     # cuDNN's deterministic kernels (a CUDA run repeats bit for bit) or its autotuned fastest
     # ones; no effect on the CPU, which is deterministic either way
     deterministic: bool = True
+    # torch.compile the model (PyTorch models only): fewer, fused kernels per step, for a
+    # compile of tens of seconds at the start of the run (and again for evaluation shapes)
+    compile: bool = False
     tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1px translations
     seed: int = 0
     eval_every: int = 1  # evaluate on the validation split every N epochs

@@ -2,6 +2,11 @@
 
 As in airbench: no per-sample Python and no worker processes. Each step gathers a batch of
 uint8 images, normalizes it, and mirrors, translates and cuts out the whole batch at once.
+
+The random numbers of an epoch (its order, each image's shift and cutout centre) are drawn on
+the CPU from the run's seeded generator at the start of the epoch and reach the device in one
+copy. So a step makes no host-to-device copy: on a GPU a copy from pageable memory waits for
+every queued kernel, and one per step would serialize the CPU and the GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class DeviceLoader:
         # epochs and the other half on odd ones, so every image is seen both ways in 2 epochs.
         self.flip_base = (torch.rand(len(ds), generator=self.gen) < 0.5).to(device)
         self.epoch = 0
+        self._draws: torch.Tensor | None = None  # 4×N: shift y, x and cutout centre y, x
 
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size
@@ -42,8 +48,23 @@ class DeviceLoader:
         self.epoch += 1
 
     def epoch_order(self) -> torch.Tensor:
-        """A fresh random order of the images, for one epoch."""
-        return torch.randperm(len(self.labels), generator=self.gen).to(self.device)
+        """A fresh random order of the images for one epoch, and fresh augmentation draws."""
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.gen)
+        both = torch.cat((order[None], self._draw(n))).to(self.device)  # one copy per epoch
+        self._draws = both[1:]
+        return both[0]
+
+    def _draw(self, n: int) -> torch.Tensor:
+        """Each image's translation (dy, dx) and cutout centre (cy, cx) for one epoch."""
+        h, w = self.images.shape[-2:]
+        r, zeros = self.aug.translate, torch.zeros(n, dtype=torch.int64)
+        dy, dx = (torch.randint(0, 2 * r + 1, (2, n), generator=self.gen) if r > 0
+                  else (zeros, zeros))
+        cy, cx = ((torch.randint(0, h, (n,), generator=self.gen),
+                   torch.randint(0, w, (n,), generator=self.gen)) if self.aug.cutout > 0
+                  else (zeros, zeros))
+        return torch.stack((dy, dx, cy, cx))
 
     def batch(self, order: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``i`` of an epoch in ``order``, augmented (random access, for loops that ask
@@ -57,19 +78,19 @@ class DeviceLoader:
         if self.aug.flip:
             mask = self.flip_base[idx] ^ bool(self.epoch % 2)
             x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+        if self._draws is None:  # a batch asked for before any epoch_order()
+            self._draws = self._draw(len(self.labels)).to(self.device)
+        dy, dx, cy, cx = self._draws[:, idx].view(4, b, 1, 1).unbind(0)
         r = self.aug.translate
         if r > 0:
             xp = F.pad(x, (r, r, r, r), mode="reflect")
-            dy = torch.randint(0, 2 * r + 1, (b,), generator=self.gen).to(self.device)
-            dx = torch.randint(0, 2 * r + 1, (b,), generator=self.gen).to(self.device)
+            dy, dx = dy.view(b), dx.view(b)
             rows = (dy[:, None] + torch.arange(h, device=self.device))[:, :, None]  # B×H×1
             cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, :]  # B×1×W
             bidx = torch.arange(b, device=self.device)[:, None, None]
             x = xp[bidx, :, rows, cols].permute(0, 3, 1, 2)  # B×H×W×C gathered -> B×C×H×W
         if self.aug.cutout > 0:
             s = self.aug.cutout
-            cy = torch.randint(0, h, (b, 1, 1), generator=self.gen).to(self.device)
-            cx = torch.randint(0, w, (b, 1, 1), generator=self.gen).to(self.device)
             ys = torch.arange(h, device=self.device).view(1, h, 1)
             xs = torch.arange(w, device=self.device).view(1, 1, w)
             hole = ((ys - cy).abs() * 2 < s) & ((xs - cx).abs() * 2 < s)  # B×H×W

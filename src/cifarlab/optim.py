@@ -78,7 +78,7 @@ def _build_muon(model: nn.Module, cfg: TrainConfig, lr: float, wd: float,
         if params:
             groups.append(dict(params=params, lr=group_lr, momentum=o.momentum,
                                weight_decay=wd / group_lr, muon=False, nesterov=nesterov))
-    opt = Muon(groups)
+    opt = Muon(groups, compiled=bool(filters) and cfg.compile and filters[0].is_cuda)
     return opt, triangle_schedule(opt, cfg, total_steps)
 
 
@@ -127,24 +127,25 @@ QUINTIC = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: torch.Tensor, steps: int = 5,
                   coefficients: tuple[float, float, float] = QUINTIC,
                   eps: float = 1e-7) -> torch.Tensor:
-    """The semi-orthogonal factor of a matrix, U·Vᵀ for G = U·S·Vᵀ, by Newton–Schulz iteration.
+    """The semi-orthogonal factor of a matrix, U·Vᵀ for G = U·S·Vᵀ, by Newton–Schulz iteration;
+    a stack of matrices (…×m×n) is done matrix by matrix, in one batched product per step.
 
     Each step maps X to a·X + (b·A + c·A²)·X with A = X·Xᵀ, an odd polynomial in the singular
     values that leaves the singular vectors alone; X starts as G / ‖G‖_F so that every singular
     value starts at or below 1. Works on the short side (Xᵀ for tall matrices): cheaper, same
     result.
     """
-    if g.ndim != 2:
+    if g.ndim < 2:
         raise ValueError(f"orthogonalize takes a matrix, got shape {tuple(g.shape)}")
     a, b, c = coefficients
-    x = g / (g.norm() + eps)
-    tall = x.shape[0] > x.shape[1]
+    x = g / (torch.linalg.matrix_norm(g, keepdim=True) + eps)
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -164,7 +165,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = QUINTIC, muon: bool = True,
-                 normalize: bool = False):
+                 normalize: bool = False, compiled: bool = False):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
             raise ValueError("Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0, "
                              "ns_steps >= 1")
@@ -172,6 +173,9 @@ class Muon(torch.optim.Optimizer):
                         ns_steps=ns_steps, ns_coefficients=ns_coefficients, muon=muon,
                         normalize=normalize)
         super().__init__(params, defaults)
+        # torch.compile'd Newton–Schulz (as airbench94_muon does): one fused kernel per
+        # elementwise step instead of one per operation, for launch-bound GPU steps
+        self._orthogonalize = torch.compile(orthogonalize) if compiled else orthogonalize
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -181,13 +185,11 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["muon"]:
-                    self._muon_step(p, group, lr, m, wd)
-                else:
-                    self._sgd_step(p, group, lr, m, wd)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon_steps(params, group, lr, m, wd)
+            else:
+                self._sgd_steps(params, group, lr, m, wd)
         return loss
 
     def _momentum(self, p: torch.Tensor, d_p: torch.Tensor, m: float,
@@ -202,26 +204,45 @@ class Muon(torch.optim.Optimizer):
             buf.mul_(m).add_(d_p)
         return d_p.add(buf, alpha=m) if nesterov else buf
 
-    def _sgd_step(self, p: torch.Tensor, group: dict[str, Any], lr: float, m: float,
-                  wd: float) -> None:
-        grad = p.grad
-        assert grad is not None  # step() skips parameters without one
-        d_p = grad if wd == 0 else grad.add(p, alpha=wd)
-        p.add_(self._momentum(p, d_p, m, group["nesterov"]), alpha=-lr)
+    def _sgd_steps(self, params: list[torch.Tensor], group: dict[str, Any], lr: float,
+                   m: float, wd: float) -> None:
+        """torch.optim.SGD's arithmetic on the whole group at once (foreach kernels)."""
+        if not params:
+            return
+        grads: list[torch.Tensor] = [p.grad for p in params if p.grad is not None]
+        assert len(grads) == len(params)  # step() passes only parameters with one
+        d_p = list(torch._foreach_add(grads, params, alpha=wd)) if wd else grads
+        if m:
+            states = [self.state[p] for p in params]
+            old = [i for i, st in enumerate(states) if "momentum_buffer" in st]
+            if old:  # buf = m·buf + d_p
+                held = [states[i]["momentum_buffer"] for i in old]
+                torch._foreach_mul_(held, m)
+                torch._foreach_add_(held, [d_p[i] for i in old])
+            for i, st in enumerate(states):  # a first step starts the buffer at d_p
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = d_p[i].detach().clone()
+            bufs = [st["momentum_buffer"] for st in states]
+            d_p = list(torch._foreach_add(d_p, bufs, alpha=m)) if group["nesterov"] else bufs
+        torch._foreach_add_(params, d_p, alpha=-lr)
 
-    def _muon_step(self, p: torch.Tensor, group: dict[str, Any], lr: float, m: float,
-                   wd: float) -> None:
-        if p.ndim < 2:
+    def _muon_steps(self, params: list[torch.Tensor], group: dict[str, Any], lr: float,
+                    m: float, wd: float) -> None:
+        if any(p.ndim < 2 for p in params):
             raise ValueError("Muon orthogonalizes matrices and filter banks; give 1-D "
                              "parameters (biases, norms) to a group with muon=False")
-        grad = p.grad
-        assert grad is not None  # step() skips parameters without one
-        update = self._momentum(p, grad, m, group["nesterov"])
-        matrix = update.reshape(len(update), -1).float()
-        ortho = orthogonalize(matrix, group["ns_steps"], group["ns_coefficients"])
-        ortho *= max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
-        if group["normalize"]:
-            p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
-        if wd:
-            p.mul_(1 - lr * wd)
-        p.add_(ortho.view_as(p).to(p.dtype), alpha=-lr)
+        by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in params:
+            assert p.grad is not None  # step() passes only parameters with one
+            update = self._momentum(p, p.grad, m, group["nesterov"])
+            by_shape.setdefault(tuple(p.shape), []).append((p, update))
+        for same in by_shape.values():  # filter banks of one shape: one batched iteration
+            stack = torch.stack([u.reshape(len(u), -1) for _, u in same]).float()
+            ortho = self._orthogonalize(stack, group["ns_steps"], group["ns_coefficients"])
+            ortho *= max(1.0, stack.shape[1] / stack.shape[2]) ** 0.5
+            for (p, _), o in zip(same, ortho.unbind(0), strict=True):
+                if group["normalize"]:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(o.view_as(p).to(p.dtype), alpha=-lr)

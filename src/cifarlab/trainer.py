@@ -103,6 +103,11 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         # (a Keras model keeps its kernels as they are: it lays them out per call itself, and
         # its channels_last inputs reach it as N×H×W×C views)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if config.compile:
+        if isinstance(model, KerasModule):
+            raise ConfigError("compile: true compiles a PyTorch module; a Keras model runs "
+                              "through cifarlab.kerasfast instead. Set compile: false.")
+        model.compile()  # in place: the state_dict keeps its names
     norm = Normalizer(data.mean, data.std, device)
     loader = DeviceLoader(data.train, config, norm, device)
     steps_per_epoch = max(1, len(loader))
