@@ -163,3 +163,36 @@ def test_recommendation_is_the_best_posterior_mean_under_noise():
     # the lucky draw need not be near the optimum; the posterior-mean choice is
     assert abs(rec.params["x"]) < 0.3
     assert abs(rec.params["x"]) <= abs(study.best_trial.params["x"]) + 0.05
+
+
+def test_perturbations_move_only_the_named_dimensions_and_stay_in_the_box():
+    from cifarlab.tune.samplers import perturb
+
+    rng = np.random.RandomState(0)
+    center = np.array([0.0, 0.3, 0.5, 0.7, 1.0])
+    dims = np.array([0, 2, 4])
+    x = perturb(center, dims, 500, (0.01, 0.1), rng)
+    assert x.shape == (500, 5)
+    assert np.all((x >= 0) & (x <= 1))
+    assert np.array_equal(x[:, [1, 3]], np.tile(center[[1, 3]], (500, 1)))  # the others stay
+    moved = (x[:, dims] != center[dims]).sum(axis=1)
+    assert moved.max() == 3 and (moved >= 1).mean() > 0.6  # 1-3 dims each (a clip can undo one)
+    assert np.abs(x[:, 2] - 0.5).max() < 0.6
+
+
+def test_gp_sampler_with_local_candidates_suggests_valid_mixed_points():
+    """The local candidates keep the incumbent's integers and categories: every suggestion is
+    inside the space, and the study improves on its random start."""
+    sampler = make_sampler("gp", 0, 5)
+    study = optuna.create_study(sampler=sampler)
+
+    def objective(trial):
+        x = trial.suggest_float("x", -2, 2)
+        n = trial.suggest_int("n", 1, 5)
+        c = trial.suggest_categorical("c", ["a", "b"])
+        assert -2 <= x <= 2 and 1 <= n <= 5 and c in ("a", "b")
+        return (x - 0.3) ** 2 + (n - 4) ** 2 + (c == "b")
+
+    study.optimize(objective, n_trials=20)
+    first = min(t.value for t in study.trials[:5])
+    assert study.best_value <= first and study.best_value < 0.5

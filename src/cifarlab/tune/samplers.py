@@ -9,12 +9,17 @@ region where training diverges looks unexplored, and expected improvement keeps 
 back into it. Here a failed trial counts as the worst completed value, and a pruned trial as the
 last validation loss it reported, so the surrogate learns where not to go.
 
-Two more departures, each measured in ``bench/bo_suite.py`` (docs/BENCHMARKS.md):
+Three more departures, each measured in ``bench/bo_suite.py`` (docs/BENCHMARKS.md):
 
 * **Output warping.** Before the GP sees them, the losses are standardized and passed through a
   Yeo-Johnson power transform fitted by maximum likelihood (as HEBO does): a monotone map, so
   the minimum stays the minimum, that pulls in long tails (a diverged trial's loss 1000× the
   others') which would otherwise flatten the surrogate everywhere else.
+* **Local candidates.** The acquisition optimizer also starts from the best perturbations of
+  the incumbent (:meth:`FailureAwareGPSampler._optimize_acqf`). It lowered the median regret
+  on all four problems where the sampler trailed a peer (Branin, Michalewicz5, Rastrigin6,
+  Styblinski-Tang8) and on six more; it raised it on the two noisy problems, Levy10 and mixed
+  Ackley, where the sampler stayed ahead of Optuna's.
 * **Recommendation.** For an objective declared noisy, :func:`recommend` returns the completed
   trial with the lowest *posterior mean*, not the lowest observation, which is often a lucky
   draw. For a deterministic one it returns the lowest observation: on rugged deterministic
@@ -31,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from optuna._gp import optim_mixed
 from optuna.distributions import BaseDistribution
 from optuna.samplers._gp import sampler as _gp_sampler
 from optuna.trial import FrozenTrial, TrialState
@@ -43,6 +49,7 @@ __all__ = [
     "fit_surrogate",
     "make_pruner",
     "make_sampler",
+    "perturb",
     "recommend",
     "warp_values",
 ]
@@ -62,7 +69,32 @@ def default_startup(n_trials: int | None) -> int:
 
 
 class FailureAwareGPSampler(optuna.samplers.GPSampler):
-    """GPSampler whose surrogate also sees failed and pruned trials (see the module docstring)."""
+    """GPSampler whose surrogate also sees failed and pruned trials (see the module docstring).
+
+    Its acquisition optimizer also starts local searches from the best of
+    ``n_local_candidates`` perturbations of the incumbent (random subsets of the continuous
+    parameters moved by 0.5-15% of their range, as TuRBO and HEBO perturb theirs), besides
+    GPSampler's uniform samples: in 5-10 dimensions 2,048 uniform samples rarely land in the
+    narrow peaks of expected improvement next to a good point.
+    """
+
+    n_local_candidates = 1024
+    local_scales = (0.005, 0.02, 0.05, 0.15)
+
+    def _optimize_acqf(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray:
+        cont = acqf.search_space.continuous_indices
+        if best_params is None or len(cont) == 0 or self.n_local_candidates <= 0:
+            return super()._optimize_acqf(acqf, best_params)
+        rng = self._rng.rng
+        cands = perturb(best_params[0], cont, self.n_local_candidates, self.local_scales, rng)
+        values = acqf.eval_acqf_no_grad(cands)
+        room = max(0, self._n_local_search - 1 - len(best_params))
+        top = cands[np.argsort(values)[::-1][:min(3, room)]]
+        normalized, _ = optim_mixed.optimize_acqf_mixed(
+            acqf, warmstart_normalized_params_array=np.vstack([best_params, top]),
+            n_preliminary_samples=self._n_preliminary_samples,
+            n_local_search=self._n_local_search, tol=self._tol, rng=rng)
+        return normalized
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -94,6 +126,20 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
                     trial._trial_id, f"{_gp_sampler._RELATIVE_PARAMS_KEY}:{i // size}",
                     text[i : i + size])
         return params
+
+
+def perturb(center: np.ndarray, dims: np.ndarray, n: int, scales: tuple[float, ...],
+            rng: np.random.RandomState) -> np.ndarray:
+    """``n`` copies of the normalized point ``center``, each with a random non-empty subset of
+    ``dims`` moved by Gaussian steps of one of ``scales`` (fractions of the range), clipped to
+    the unit box."""
+    out = np.repeat(center[None, :], n, axis=0)
+    k = len(dims)
+    sizes = rng.randint(1, k + 1, size=n)
+    chosen = rng.random_sample((n, k)).argsort(axis=1) < sizes[:, None]  # that many dims each
+    step = rng.standard_normal((n, k)) * np.asarray(scales)[rng.randint(len(scales), size=n)][:, None]
+    out[:, dims] = np.clip(out[:, dims] + np.where(chosen, step, 0.0), 0.0, 1.0)
+    return out
 
 
 def observations_for_surrogate(
