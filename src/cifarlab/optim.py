@@ -192,49 +192,46 @@ class Muon(torch.optim.Optimizer):
                 self._sgd_steps(params, group, lr, m, wd)
         return loss
 
-    def _momentum(self, p: torch.Tensor, d_p: torch.Tensor, m: float,
-                  nesterov: bool) -> torch.Tensor:
+    def _momenta(self, params: list[torch.Tensor], d_p: list[torch.Tensor], m: float,
+                 nesterov: bool) -> list[torch.Tensor]:
+        """torch.optim.SGD's momentum on a whole group at once (foreach kernels): buf = m·buf +
+        d_p (a first step starts it at d_p), and the step d_p + m·buf (Nesterov) or buf."""
         if m == 0:
             return d_p
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = d_p.detach().clone()
-        else:
-            buf.mul_(m).add_(d_p)
-        return d_p.add(buf, alpha=m) if nesterov else buf
+        states = [self.state[p] for p in params]
+        old = [i for i, st in enumerate(states) if "momentum_buffer" in st]
+        if old:
+            held = [states[i]["momentum_buffer"] for i in old]
+            torch._foreach_mul_(held, m)
+            torch._foreach_add_(held, [d_p[i] for i in old])
+        for i, st in enumerate(states):
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = d_p[i].detach().clone()
+        bufs = [st["momentum_buffer"] for st in states]
+        return list(torch._foreach_add(d_p, bufs, alpha=m)) if nesterov else bufs
 
     def _sgd_steps(self, params: list[torch.Tensor], group: dict[str, Any], lr: float,
                    m: float, wd: float) -> None:
-        """torch.optim.SGD's arithmetic on the whole group at once (foreach kernels)."""
+        """torch.optim.SGD's arithmetic on the whole group at once."""
         if not params:
             return
-        grads: list[torch.Tensor] = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         assert len(grads) == len(params)  # step() passes only parameters with one
         d_p = list(torch._foreach_add(grads, params, alpha=wd)) if wd else grads
-        if m:
-            states = [self.state[p] for p in params]
-            old = [i for i, st in enumerate(states) if "momentum_buffer" in st]
-            if old:  # buf = m·buf + d_p
-                held = [states[i]["momentum_buffer"] for i in old]
-                torch._foreach_mul_(held, m)
-                torch._foreach_add_(held, [d_p[i] for i in old])
-            for i, st in enumerate(states):  # a first step starts the buffer at d_p
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = d_p[i].detach().clone()
-            bufs = [st["momentum_buffer"] for st in states]
-            d_p = list(torch._foreach_add(d_p, bufs, alpha=m)) if group["nesterov"] else bufs
-        torch._foreach_add_(params, d_p, alpha=-lr)
+        torch._foreach_add_(params, self._momenta(params, d_p, m, group["nesterov"]), alpha=-lr)
 
     def _muon_steps(self, params: list[torch.Tensor], group: dict[str, Any], lr: float,
                     m: float, wd: float) -> None:
         if any(p.ndim < 2 for p in params):
             raise ValueError("Muon orthogonalizes matrices and filter banks; give 1-D "
                              "parameters (biases, norms) to a group with muon=False")
+        if not params:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        assert len(grads) == len(params)  # step() passes only parameters with one
+        updates = self._momenta(params, grads, m, group["nesterov"])
         by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for p in params:
-            assert p.grad is not None  # step() passes only parameters with one
-            update = self._momentum(p, p.grad, m, group["nesterov"])
+        for p, update in zip(params, updates, strict=True):
             by_shape.setdefault(tuple(p.shape), []).append((p, update))
         for same in by_shape.values():  # filter banks of one shape: one batched iteration
             stack = torch.stack([u.reshape(len(u), -1) for _, u in same]).float()
