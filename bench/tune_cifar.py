@@ -104,8 +104,11 @@ def main() -> None:
                     chosen = retrain_config(study_dir)
                     cfg = chosen.config
                     row["answer"] = chosen.what
-                    row["val_loss_target"] = ans.best.value
-                    row["baseline_val_loss"] = ans.baseline.value
+                    # plain cross-entropy, whatever the study minimised, to compare with
+                    # the peers' column (older studies stored no val_loss attribute)
+                    row["val_loss_target"] = ans.best.user_attrs.get("val_loss", ans.best.value)
+                    row["baseline_val_loss"] = ans.baseline.user_attrs.get(
+                        "val_loss", ans.baseline.value)
                 else:
                     cfg, best = best_config(study_dir)
                     row["answer"] = f"trial {best.number}"

@@ -16,6 +16,7 @@ from cifarlab.errors import ConfigError, RunError
 from cifarlab.infer import (
     Normalizer,
     Predictor,
+    calibrated_loss,
     loss_and_accuracy,
     predict_logits,
     to_device_images,
@@ -115,6 +116,49 @@ def test_loader_augments_whole_batches(learnable):
     cut = loader._augment(loader.images[idx], idx)
     zeros = (cut == 0).all(dim=1).sum(dim=(1, 2))
     assert ((zeros >= 16) & (zeros <= 64)).all()  # an 8×8 hole, clipped at the border
+
+
+def _ce(logits: torch.Tensor, labels: np.ndarray) -> float:
+    return float(torch.nn.functional.cross_entropy(logits.double(), torch.from_numpy(labels)))
+
+
+def test_calibrated_loss_is_the_cross_entropy_at_the_best_temperature():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2000,), generator=g).numpy()
+    # an overconfident model: right 70% of the time, with huge margins either way
+    logits = torch.randn(2000, 10, generator=g)
+    right = torch.rand(2000, generator=g) < 0.7
+    logits[torch.arange(2000)[right], torch.from_numpy(labels)[right]] += 3.0
+    logits *= 6.0
+    cal, temperature = calibrated_loss(logits, labels)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(50.0), 4001))
+    brute = min((_ce(logits / t, labels), t) for t in grid)
+    assert cal == pytest.approx(brute[0], abs=1e-6)
+    assert temperature == pytest.approx(brute[1], rel=2e-3)
+    assert temperature > 1.5 and cal < _ce(logits, labels) - 0.5  # overconfident: cooled down
+    # what is left after calibration does not depend on the logits' scale: a model that only
+    # sharpens its softmax (less label smoothing) gains nothing
+    for k in (0.1, 0.5, 3.0):
+        assert calibrated_loss(logits * k, labels)[0] == pytest.approx(cal, abs=1e-6)
+
+
+def test_calibrated_loss_never_exceeds_the_plain_loss_and_passes_non_finite_through():
+    # calibrated by construction (labels drawn from the model's own softmax): T near 1, and
+    # the loss at most the plain one
+    g = torch.Generator().manual_seed(1)
+    z = 2.0 * torch.randn(20000, 5, generator=g)
+    labels = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1).numpy()
+    cal, t = calibrated_loss(z, labels)
+    assert cal <= _ce(z, labels) + 1e-12 and t == pytest.approx(1.0, abs=0.03)
+    z, labels = z[:4], labels[:4]
+    nan = z.clone()
+    nan[0, 0] = float("nan")
+    out = calibrated_loss(nan, labels)
+    assert np.isnan(out[0]) and out[1] == 1.0
+    inf = z.clone()
+    inf[1, 0] = float("inf")
+    out = calibrated_loss(inf, labels)
+    assert not np.isfinite(out[0]) and out[1] == 1.0
 
 
 def test_evaluate_uses_eval_mode_and_restores_it(learnable):

@@ -72,6 +72,11 @@ def test_study_finds_a_better_configuration_and_reports(capsys, learnable, tmp_p
     # stored as plain Optuna: the dashboard, or anyone, can load it by name
     raw = optuna.load_study(study_name="s", storage=f"sqlite:///{study_dir / 'study.db'}")
     assert raw.best_trial.user_attrs["val_acc"] > 0.25
+    # a new study minimises the validation loss at its calibrated temperature, never above
+    # the plain loss, and says so in its table
+    assert raw.user_attrs["cifarlab:metric"] == "calibrated-loss" and "val_cal_loss" in out
+    for t in done:
+        assert t.value == t.user_attrs["val_cal_loss"] <= t.user_attrs["val_loss"] + 1e-9
     assert json.loads((study_dir / "study.json").read_text())["study_name"] == "s"
 
     code, out, _ = call(capsys, "tune", "report", str(study_dir))
@@ -115,6 +120,10 @@ def test_study_finds_a_better_configuration_and_reports(capsys, learnable, tmp_p
     code, _, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "12", "--epochs",
                                            "5", space=space_file))
     assert code == 5 and "different search space" in err
+    # ... and so is another metric: the stored values would not compare
+    code, _, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "12", "--metric",
+                                           "loss"))
+    assert code == 5 and "minimises calibrated-loss" in err
     assert len(open_study(study_dir).trials) == 10
 
 
@@ -130,9 +139,12 @@ fixed: {batch_size: 32}
     study_dir = tmp_path / "hopeless"
     code, out, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "4",
                                              "--target-epochs", "4", "--sampler", "random",
-                                             space=space))
+                                             "--metric", "error", space=space))
     assert code == 0, err
     assert "answer: the baseline. No configuration found by the search beat it" in out
+    for t in open_study(study_dir).trials:  # the metric asked for: validation error
+        assert t.value == pytest.approx(1 - t.user_attrs["val_acc"])
+    assert "val_error (validation error (1 - accuracy))" in out
     code, out, err = call(capsys, "train", "--from-study", str(study_dir), "--data",
                           str(learnable), "--runs-dir", str(tmp_path / "runs"), "-q")
     assert code == 0, err

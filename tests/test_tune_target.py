@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from cifarlab.errors import StudyError
 from cifarlab.models import default_config
+from cifarlab.tune.metric import METRIC_ATTR, study_metric
 from cifarlab.tune.space import load_space
 from cifarlab.tune.storage import SPACE_ATTR
 from cifarlab.tune.summary import retrain_config, summarize
@@ -161,3 +162,19 @@ def test_a_target_trial_queued_twice_runs_once(study):
     assert is_duplicate(target, second.number)
     target.tell(first, 0.5)
     assert is_duplicate(target, second.number)
+
+
+def test_a_study_made_before_metrics_existed_keeps_plain_validation_loss(study, tmp_path):
+    # studies stored before --metric hold plain cross-entropy values, and are read as such
+    assert study_metric(study).name == "loss"
+    target = open_target(study)
+    enqueue_baseline(study, target)
+    _finish(target, [0.60])
+    assert "answer: the baseline" in "\n".join(summarize(study).lines())
+    assert "val_loss (validation cross-entropy)" in "\n".join(summarize(study).lines())
+    study.set_user_attr(METRIC_ATTR, "calibrated-loss")
+    assert "val_cal_loss (validation cross-entropy at its best temperature)" in "\n".join(
+        summarize(study).lines())
+    study.set_user_attr(METRIC_ATTR, "accuracy@5")  # written by a newer cifarlab, say
+    with pytest.raises(StudyError, match="minimises 'accuracy@5'.*upgrade cifarlab"):
+        summarize(study)

@@ -84,6 +84,7 @@ class TrainResult:
     source: str
     precision: str
     device: str
+    val_cal_loss: float | None = None  # validation loss at the calibrated temperature
     # Callbacks add what they learned in on_train_end (the doctor: "doctor" -> findings);
     # a RunWriter placed after them stores it in summary.json.
     extras: dict[str, Any] = field(default_factory=dict)

@@ -317,6 +317,11 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               default=None, help="A config.json the study starts from: its baseline, and the "
                                  "base of every trial [default: the model's recipe].")
+@click.option("--metric", type=click.Choice(["calibrated-loss", "loss", "error"]), default=None,
+              help="What the study minimises on validation: cross-entropy at its best "
+                   "temperature (calibrated-loss; the default for a new study), plain "
+                   "cross-entropy (loss), or 1 - accuracy (error) [default: the study's own "
+                   "when resuming, else calibrated-loss].")
 @click.option("--sampler", type=click.Choice(["gp", "tpe", "random"]), default="gp",
               show_default=True)
 @click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]),
@@ -347,12 +352,13 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 @click.pass_context
 def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_file: Path | None,
          model: str | None, epochs: float | None, train_fraction: float | None, n_trials: int,
-         target_epochs: float | None, top_k: int, config_file: Path | None, sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
+         target_epochs: float | None, top_k: int, config_file: Path | None, metric: str | None,
+         sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
          devices: str | None, timeout: float | None, seed: int, heartbeat: int,
          data: Path | None,
          image_size: int | None, skip_bad: bool, val_size: int | None, quiet: bool,
          tensorboard: bool) -> None:
-    """Find hyperparameters by Bayesian optimization of validation loss.
+    """Find hyperparameters by Bayesian optimization of a validation loss (--metric).
 
     Runs a study (or resumes the one in --study-dir, or joins the one in --storage), prints a
     row per finished trial and a summary. The test split is never used. Subcommands:
@@ -388,7 +394,7 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
         timeout=timeout, data=cfg, quiet=quiet, heartbeat_interval=heartbeat,
         grace_period=3 * heartbeat, target_epochs=target_epochs, top_k=top_k,
-        base=None if base is None else base.to_dict(), tensorboard=tensorboard)
+        base=None if base is None else base.to_dict(), tensorboard=tensorboard, metric=metric)
     study, interrupted = run_study(settings, space, announce=None if quiet else click.echo)
     for line in summarize(study).lines():
         click.echo(line)

@@ -37,7 +37,7 @@ from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData, load_data
 from cifarlab.errors import ConfigError
 from cifarlab.hardware import resolve_device, resolve_precision
-from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
+from cifarlab.infer import Normalizer, Scores, predict_logits, scores, to_device_images
 from cifarlab.kerasnet import KerasModule, import_keras
 from cifarlab.loader import DeviceLoader
 from cifarlab.optim import schedule_factor
@@ -107,8 +107,8 @@ def train_with_keras(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
     val_images = to_device_images(val.images, device) if val is not None else None
 
     def evaluate(images: torch.Tensor, labels: np.ndarray, tta: int,
-                 at: str = precision) -> tuple[float, float]:
-        return loss_and_accuracy(predict_logits(model, images, norm, device, at, tta), labels)
+                 at: str = precision) -> Scores:
+        return scores(predict_logits(model, images, norm, device, at, tta), labels)
 
     state = TrainState(config, model, _NoTorchOptimizer(), device, precision,  # type: ignore[arg-type]
                        total_steps, steps_per_epoch)
@@ -188,7 +188,7 @@ def _make_bridge(keras: Any, state: TrainState, callbacks: Sequence[Callback],
             row: dict[str, Any] = {
                 "epoch": epoch + 1, "step": state.step,
                 "train_loss": float((logs or {}).get("loss", float("nan"))),
-                "val_loss": None, "val_acc": None, "seconds": round(seconds, 3),
+                "val_loss": None, "val_acc": None, "val_cal_loss": None, "seconds": round(seconds, 3),
                 "images_per_second": round(seen / seconds, 1) if seconds > 0 else None,
             }
             last = state.step >= total_steps
@@ -196,7 +196,8 @@ def _make_bridge(keras: Any, state: TrainState, callbacks: Sequence[Callback],
                     (epoch + 1) % state.config.eval_every == 0 or last):
                 t = time.perf_counter()
                 state.model.eval()
-                row["val_loss"], row["val_acc"] = evaluate(val_images, val.labels, 0)
+                row["val_loss"], row["val_acc"], row["val_cal_loss"] = evaluate(
+                    val_images, val.labels, 0)
                 state.model.train()
                 self.eval_seconds += time.perf_counter() - t
             state.history.append(row)

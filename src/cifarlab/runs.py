@@ -136,6 +136,7 @@ def _summary(result: TrainResult, weights_sha256: str) -> dict[str, Any]:
         },
         "val_loss": result.val_loss,
         "val_acc": result.val_acc,
+        "val_cal_loss": result.val_cal_loss,
         "test_loss": result.test_loss,
         "test_acc": result.test_acc,
         # the TTA that val/test were measured with, and the default of every inference on it

@@ -36,7 +36,7 @@ from cifarlab.hardware import (
     resolve_device,
     resolve_precision,
 )
-from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
+from cifarlab.infer import Normalizer, Scores, predict_logits, scores, to_device_images
 from cifarlab.kerasnet import KerasModule
 from cifarlab.loader import DeviceLoader
 from cifarlab.optim import Lookahead, build_optimizer
@@ -134,8 +134,8 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     val_images = to_device_images(val.images, device) if val is not None else None
 
     def evaluate(images: torch.Tensor, labels: np.ndarray, tta: int,
-                 at: str = precision) -> tuple[float, float]:
-        return loss_and_accuracy(predict_logits(model, images, norm, device, at, tta), labels)
+                 at: str = precision) -> Scores:
+        return scores(predict_logits(model, images, norm, device, at, tta), labels)
 
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(n_epochs):
@@ -180,13 +180,15 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
             "train_loss": (loss_sum / max(1, seen)).item(),
             "val_loss": None,
             "val_acc": None,
+            "val_cal_loss": None,
             "seconds": round(epoch_seconds, 3),
             "images_per_second": round(seen / epoch_seconds, 1) if epoch_seconds > 0 else None,
         }
         last = state.step >= total_steps or state.should_stop
         if val is not None and val_images is not None and (
                 (epoch + 1) % config.eval_every == 0 or last):
-            row["val_loss"], row["val_acc"] = evaluate(val_images, val.labels, 0)
+            row["val_loss"], row["val_acc"], row["val_cal_loss"] = evaluate(
+                val_images, val.labels, 0)
         state.history.append(row)
         for cb in callbacks:
             cb.on_epoch_end(state, row)
@@ -198,7 +200,7 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
 
 
 def finish(state: TrainState, data: SplitData,
-           evaluate: Callable[..., tuple[float, float]], val_images: torch.Tensor | None,
+           evaluate: Callable[..., Scores], val_images: torch.Tensor | None,
            callbacks: Sequence[Callback], *, evaluate_test: bool, train_seconds: float,
            t_start: float, extras: dict[str, Any] | None = None) -> TrainResult:
     """The end of a training loop (this trainer's or ``--engine keras``'s): final validation
@@ -206,25 +208,27 @@ def finish(state: TrainState, data: SplitData,
     config, model, device = state.config, state.model, state.device
     model.eval()
     val = data.val if data.val is not None and len(data.val) else None
-    val_loss = val_acc = test_loss = test_acc = None
+    val_loss = val_acc = val_cal_loss = test_loss = test_acc = None
     last_row = state.history[-1] if state.history else {}
     if config.tta == 0 and last_row.get("val_loss") is not None:
-        val_loss, val_acc = last_row["val_loss"], last_row["val_acc"]  # same weights, same eval
+        # same weights, same eval
+        val_loss, val_acc = last_row["val_loss"], last_row["val_acc"]
+        val_cal_loss = last_row.get("val_cal_loss")
     elif val is not None and val_images is not None:
-        val_loss, val_acc = evaluate(val_images, val.labels, config.tta)
+        val_loss, val_acc, val_cal_loss = evaluate(val_images, val.labels, config.tta)
     if evaluate_test and len(data.test):
         # at the inference precision: the test accuracy a run records is what evaluate, predict
         # and serve reproduce (validation stays at the training precision: it is the tuner's
         # objective, measured once per trial)
-        test_loss, test_acc = evaluate(to_device_images(data.test.images, device),
-                                       data.test.labels, config.tta, INFERENCE_PRECISION)
+        test_loss, test_acc, _ = evaluate(to_device_images(data.test.images, device),
+                                          data.test.labels, config.tta, INFERENCE_PRECISION)
     result = TrainResult(
         model=model, config=config, classes=list(data.classes), mean=list(data.mean),
         std=list(data.std), history=state.history, train_seconds=train_seconds,
         total_seconds=time.perf_counter() - t_start, val_loss=val_loss, val_acc=val_acc,
         test_loss=test_loss, test_acc=test_acc, stopped_early=state.stop_reason,
         data_sha256=data.data_sha256, source=data.source, precision=state.precision,
-        device=str(device), extras=dict(extras or {}),
+        device=str(device), val_cal_loss=val_cal_loss, extras=dict(extras or {}),
     )
     for cb in callbacks:
         cb.on_train_end(state, result)

@@ -1,8 +1,10 @@
 """Bayesian optimization of training hyperparameters (``cifarlab tune``), built on Optuna.
 
-The only package that imports optuna. The objective is validation loss from
-:func:`cifarlab.trainer.train`. Modules, in import order:
+The only package that imports optuna. The objective is a validation loss from
+:func:`cifarlab.trainer.train` (by default at its calibrated temperature). Modules, in import
+order:
 
+* :mod:`.metric`: what a study minimises (calibrated or plain cross-entropy, or error);
 * :mod:`.space`: search spaces and fidelity (files, checks, the built-in space);
 * :mod:`.samplers`: the failure-aware GP sampler, peers and pruners;
 * :mod:`.storage`: where a study lives (SQLite, PostgreSQL) and what it stores;

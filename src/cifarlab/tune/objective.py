@@ -1,5 +1,5 @@
-"""The objective: train with a trial's parameters and return the validation loss (never the
-test loss), reporting each epoch to the pruner and recording failures with their reasons and the
+"""The objective: train with a trial's parameters and return the study's validation metric
+(:mod:`cifarlab.tune.metric`; never a test figure), reporting each epoch to the pruner and recording failures with their reasons and the
 doctor's findings, so the surrogate learns where not to go."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from cifarlab.errors import ConfigError
 from cifarlab.tblog import TensorBoardWriter
 from cifarlab.trainer import train
 from cifarlab.tune.interrupt import StopFlag
+from cifarlab.tune.metric import METRICS, Metric, study_metric
 from cifarlab.tune.samplers import IMPUTE_ATTR
 from cifarlab.tune.space import SearchSpace
 from cifarlab.tune.storage import study_space
@@ -39,17 +40,19 @@ class TrialInterrupted(Exception):
 
 
 class Objective:
-    """Train with the trial's parameters; return the validation loss (never the test loss).
+    """Train with the trial's parameters; return the validation metric (never a test figure).
 
-    Validation loss is reported after every epoch so a pruner can stop the trial; a non-finite
+    The metric is reported after every epoch so a pruner can stop the trial; a non-finite
     training loss ends the trial at once, as a failure with its reason stored in the study.
     """
 
     kind = "trial"  # the prefix of each trial's TensorBoard folder
 
     def __init__(self, space: SearchSpace, base: TrainConfig, data: Any, stop: StopFlag,
-                 train_seed: int = 0, check_every: int = 10, tensorboard: Path | None = None):
+                 train_seed: int = 0, check_every: int = 10, tensorboard: Path | None = None,
+                 metric: Metric = METRICS["loss"]):
         self.space, self.base, self.data, self.stop = space, base, data, stop
+        self.metric = metric
         self.train_seed, self.check_every = train_seed, check_every
         self.tensorboard = tensorboard  # a folder: each trial writes event files under it
 
@@ -65,7 +68,7 @@ class Objective:
         except ConfigError as exc:
             return self._fail(trial, "config", str(exc), impute=True)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        watch = _TrialWatch(trial, self.stop, self.check_every)
+        watch = _TrialWatch(trial, self.stop, self.check_every, self.metric)
         monitor = DoctorMonitor(num_classes=len(self.data.classes))
         callbacks: list[Callback] = [watch, monitor]
         if self.tensorboard is not None:
@@ -96,13 +99,17 @@ class Objective:
             return self._fail(trial, "interrupted", "interrupted by Ctrl-C", impute=False)
         if watch.pruned:
             raise optuna.TrialPruned(f"pruned after epoch {watch.pruned_at}")
-        val_loss, val_acc = result.val_loss, result.val_acc
-        if val_loss is None:  # _worker checks val_size > 0, so this is a bug
-            raise RuntimeError("training returned no validation loss")
-        if not math.isfinite(val_loss):
-            return self._fail(trial, "nonfinite", f"validation loss is {val_loss}", impute=True)
-        trial.set_user_attr("val_acc", val_acc)
-        return float(val_loss)
+        figures = {"val_loss": result.val_loss, "val_acc": result.val_acc,
+                   "val_cal_loss": result.val_cal_loss}
+        value = self.metric.value(figures)
+        if value is None:  # _worker checks val_size > 0, so this is a bug
+            raise RuntimeError(f"training returned no {self.metric.column}")
+        if not math.isfinite(value):
+            return self._fail(trial, "nonfinite", f"{self.metric.column} is {value}",
+                              impute=True)
+        for key, v in figures.items():
+            trial.set_user_attr(key, v)
+        return value
 
     @staticmethod
     def _fail(trial: optuna.Trial, kind: str, reason: str, impute: bool) -> NoReturn:
@@ -124,7 +131,7 @@ class TargetObjective(Objective):
     def __init__(self, study: optuna.Study, data: Any, stop: StopFlag, train_seed: int = 0,
                  device: str = "auto", tensorboard: Path | None = None):
         super().__init__(study_space(study), study_base(study), data, stop, train_seed,
-                         tensorboard=tensorboard)
+                         tensorboard=tensorboard, metric=study_metric(study))
         self.study, self.device = study, device
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
@@ -162,10 +169,11 @@ def _free_device_memory() -> None:
 
 
 class _TrialWatch(Callback):
-    """Trainer callback: reports per-epoch validation loss, prunes, and stops on NaN/Inf."""
+    """Trainer callback: reports the metric per epoch, prunes, and stops on NaN/Inf."""
 
-    def __init__(self, trial: optuna.Trial, stop: StopFlag, check_every: int):
+    def __init__(self, trial: optuna.Trial, stop: StopFlag, check_every: int, metric: Metric):
         self.trial, self.stop, self.check_every = trial, stop, check_every
+        self.metric = metric
         self.failure: str | None = None
         self.pruned = False
         self.pruned_at = 0
@@ -187,14 +195,16 @@ class _TrialWatch(Callback):
     def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         if self.failure or self.interrupted:
             return
-        val_loss = metrics.get("val_loss")
-        if val_loss is None:
+        value = self.metric.value(metrics)
+        if value is None:
             return
-        if not math.isfinite(val_loss):
-            self.failure = f"validation loss became {val_loss} after epoch {metrics['epoch']}"
+        loss = metrics.get("val_loss")
+        if not math.isfinite(value) or (loss is not None and not math.isfinite(loss)):
+            self.failure = (f"validation loss became {loss if loss is not None else value} "
+                            f"after epoch {metrics['epoch']}")
             state.stop(StopReason("tune", "nonfinite", self.failure))
             return
-        self.trial.report(val_loss, metrics["epoch"])
+        self.trial.report(value, metrics["epoch"])
         if state.step < state.total_steps and self.trial.should_prune():
             self.pruned, self.pruned_at = True, metrics["epoch"]
             state.stop(StopReason("tune", "pruned", f"pruned after epoch {metrics['epoch']}"))

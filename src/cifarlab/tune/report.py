@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from cifarlab.errors import StudyError
 from cifarlab.files import atomic_write, atomic_write_text
+from cifarlab.tune.metric import study_metric
 from cifarlab.tune.samplers import Surrogate, fit_surrogate
 from cifarlab.tune.storage import open_study
 from cifarlab.tune.summary import summarize
@@ -50,6 +51,7 @@ def _write_report(study_dir: Path, out: Path, storage: str | None) -> list[Path]
     importances = _importances(study)
     important = list(importances)[:MAX_SLICES] or list(completed[-1].params)[:MAX_SLICES]
     surrogate = fit_surrogate(study)
+    label = study_metric(study).describe
 
     figures: list[tuple[str, str, Any]] = []  # (name, title, plotly figure)
     written: list[Path] = []
@@ -65,23 +67,25 @@ def _write_report(study_dir: Path, out: Path, storage: str | None) -> list[Path]
         plt.close(fig)
         written.append(path)
 
-    png("history", lambda: pm.plot_optimization_history(study))
-    figures.append(("history", "Optimization history", pv.plot_optimization_history(study)))
-    png("parallel", lambda: pm.plot_parallel_coordinate(study, params=important))
+    png("history", lambda: pm.plot_optimization_history(study, target_name=label))
+    figures.append(("history", "Optimization history",
+                    pv.plot_optimization_history(study, target_name=label)))
+    png("parallel", lambda: pm.plot_parallel_coordinate(study, params=important,
+                                                        target_name=label))
     figures.append(("parallel", "Parallel coordinates",
-                    pv.plot_parallel_coordinate(study, params=important)))
+                    pv.plot_parallel_coordinate(study, params=important, target_name=label)))
     if importances:
-        png("importances", lambda: _importance_axes(importances))
+        png("importances", lambda: _importance_axes(importances, label))
         figures.append(("importances", "Parameter importances (fANOVA)",
-                        _importance_plotly(importances)))
+                        _importance_plotly(importances, label)))
     if surrogate is not None:
         best = study.best_trial.params
         slices = surrogate_slices(surrogate, best, [p for p in important
                                                     if p in surrogate.search_space])
         if slices:
-            png("surrogate", lambda: _surrogate_axes(slices, study))
+            png("surrogate", lambda: _surrogate_axes(slices, study, label))
             figures.append(("surrogate", "Surrogate model (GP posterior)",
-                            _surrogate_plotly(slices)))
+                            _surrogate_plotly(slices, label)))
     index = out / "index.html"
     atomic_write_text(index, _html(study, figures))
     written.append(index)
@@ -134,7 +138,7 @@ def _kind(t: optuna.trial.FrozenTrial) -> str:
     return "complete" if t.number >= 0 else "imputed"
 
 
-def _surrogate_axes(slices: list[dict[str, Any]], study: optuna.Study) -> Any:
+def _surrogate_axes(slices: list[dict[str, Any]], study: optuna.Study, label: str) -> Any:
     cols = min(2, len(slices))
     rows = math.ceil(len(slices) / cols)
     fig, axes = plt.subplots(rows, cols, squeeze=False)
@@ -158,7 +162,7 @@ def _surrogate_axes(slices: list[dict[str, Any]], study: optuna.Study) -> Any:
         ax.axvline(s["grid"].index(s["anchor"]) if s["categorical"] and s["anchor"] in s["grid"]
                    else s["anchor"], ls=":", c="gray")
         ax.set_xlabel(s["name"])
-        ax.set_ylabel("validation loss")
+        ax.set_ylabel(label)
     for ax in np.ravel(axes)[len(slices):]:
         ax.set_visible(False)
     np.ravel(axes)[0].legend(fontsize=7)
@@ -167,7 +171,7 @@ def _surrogate_axes(slices: list[dict[str, Any]], study: optuna.Study) -> Any:
     return axes
 
 
-def _surrogate_plotly(slices: list[dict[str, Any]]) -> Any:
+def _surrogate_plotly(slices: list[dict[str, Any]], label: str) -> Any:
     from plotly.subplots import make_subplots
 
     cols = min(2, len(slices))
@@ -196,26 +200,26 @@ def _surrogate_plotly(slices: list[dict[str, Any]]) -> Any:
                                 row=r, col=c, showlegend=show)
         if s["log"]:
             fig.update_xaxes(type="log", row=r, col=c)
-        fig.update_yaxes(title_text="validation loss", row=r, col=c)
+        fig.update_yaxes(title_text=label, row=r, col=c)
     fig.update_layout(height=380 * rows, title="GP surrogate (others at the best trial)")
     return fig
 
 
-def _importance_axes(importances: dict[str, float]) -> Any:
+def _importance_axes(importances: dict[str, float], label: str) -> Any:
     names = list(importances)[::-1]
     fig, ax = plt.subplots()
     ax.barh(names, [importances[n] for n in names])
-    ax.set_xlabel("importance for validation loss (fANOVA)")
+    ax.set_xlabel(f"importance for {label} (fANOVA)")
     fig.suptitle("Parameter importances")
     return ax
 
 
-def _importance_plotly(importances: dict[str, float]) -> Any:
+def _importance_plotly(importances: dict[str, float], label: str) -> Any:
     import plotly.graph_objects as go
 
     names = list(importances)[::-1]
     fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
-    fig.update_layout(xaxis_title="importance for validation loss (fANOVA)")
+    fig.update_layout(xaxis_title=f"importance for {label} (fANOVA)")
     return fig
 
 

@@ -57,6 +57,8 @@ class TuneSettings:
     base: dict[str, Any] | None = None  # the config the study starts from (--config); default
     #                                     the model's recipe
     tensorboard: bool = False  # each trial writes event files into study_dir/tensorboard/
+    metric: str | None = None  # what the study minimises (cifarlab.tune.metric); None: the
+    #                            stored study's, or the default for a new one
 
     @property
     def name(self) -> str:

@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import StudyError
+from cifarlab.tune.metric import study_metric
 from cifarlab.tune.storage import open_study, study_space
 from cifarlab.tune.target import Target, answer, target_config
 
@@ -23,13 +24,14 @@ class LiveTable:
     """One fixed-width row per finished trial, printed by the worker that ran it."""
 
     def __init__(self, prefix: str = "", quiet: bool = False,
-                 write: Callable[[str], None] | None = None, target: Target | None = None):
-        self.prefix, self.quiet, self.target = prefix, quiet, target
+                 write: Callable[[str], None] | None = None, target: Target | None = None,
+                 column: str = "val_loss"):
+        self.prefix, self.quiet, self.target, self.column = prefix, quiet, target, column
         self.write = write or (lambda s: print(s, flush=True))
 
     def header(self) -> None:
         if not self.quiet:
-            self.write(f"{self.prefix}{'trial':>5} {'state':<9} {'val_loss':>9} {'val_acc':>8} "
+            self.write(f"{self.prefix}{'trial':>5} {'state':<9} {self.column:>9} {'val_acc':>8} "
                        f"{'epochs':>6} {'seconds':>8} {'best':>9}  params")
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -88,6 +90,8 @@ class Summary:
     answer_val_acc: float | None = None
     answer_params: dict[str, Any] | None = None
     target_rows: list[dict[str, Any]] | None = None  # every completed target trial, best first
+    metric: str = "val_loss"  # the column name of what the study minimises
+    metric_describe: str = "validation cross-entropy"
 
     def lines(self) -> list[str]:
         out = [f"study {self.study_name}: {self.n_complete} complete, {self.n_pruned} pruned, "
@@ -97,7 +101,7 @@ class Summary:
             out.append("no trial completed")
         else:
             acc = "" if self.best_val_acc is None else f", val_acc {self.best_val_acc:.4f}"
-            out.append(f"best trial {self.best_number}: val_loss {self.best_value:.4f}{acc}")
+            out.append(f"best trial {self.best_number}: {self.metric} {self.best_value:.4f}{acc}")
             out += [f"  {k} = {_fmt(v)}" for k, v in self.best_params.items()]
         for reason, n in sorted(self.fail_reasons.items(), key=lambda kv: -kv[1]):
             out.append(f"failed x{n}: {reason}")
@@ -109,7 +113,7 @@ class Summary:
         if self.target_epochs is None:
             return []
         out = [f"at the target budget ({self.target_epochs:g} epochs on all training images), "
-               "validation loss:"]
+               f"{self.metric} ({self.metric_describe}):"]
         for row in self.target_rows or []:
             acc = "" if row["val_acc"] is None else f"  val_acc {row['val_acc']:.4f}"
             mark = "  <- answer" if row["name"] == self.answer else ""
@@ -130,7 +134,7 @@ class Summary:
             gain = ("" if self.baseline_value is None else
                     f", {self.baseline_value - self.answer_value:.4f} below the baseline's "
                     f"{self.baseline_value:.4f}")
-            out.append(f"answer: {self.answer} (val_loss {self.answer_value:.4f}{gain})")
+            out.append(f"answer: {self.answer} ({self.metric} {self.answer_value:.4f}{gain})")
             out += [f"  {k} = {_fmt(v)}" for k, v in (self.answer_params or {}).items()]
         return out
 
@@ -143,6 +147,7 @@ def summarize(study: optuna.Study) -> Summary:
         r = str(t.user_attrs.get("fail_reason", "worker stopped (no heartbeat) or crashed"))
         reasons[r] = reasons.get(r, 0) + 1
     best = _best_trial(study)
+    metric = study_metric(study)
     out = Summary(
         study_name=study.study_name,
         n_complete=len(by_state[TrialState.COMPLETE]), n_pruned=len(by_state[TrialState.PRUNED]),
@@ -150,7 +155,8 @@ def summarize(study: optuna.Study) -> Summary:
         best_number=None if best is None else best.number,
         best_value=None if best is None else best.value,
         best_val_acc=None if best is None else best.user_attrs.get("val_acc"),
-        best_params={} if best is None else dict(best.params), fail_reasons=reasons)
+        best_params={} if best is None else dict(best.params), fail_reasons=reasons,
+        metric=metric.column, metric_describe=metric.describe)
     ans = answer(study)
     if ans.target is None:
         return out
@@ -213,10 +219,11 @@ def retrain_config(study_dir: Path, storage: str | None = None, epochs: float | 
     study's fidelity epochs, as it did then."""
     study = open_study(study_dir, storage)
     ans = answer(study)
+    column = study_metric(study).column
     if ans.target is None:
         cfg, best = best_config(study_dir, storage)
         out = Retrain(cfg, f"trial {best.number}",
-                      f"the best search trial (val_loss {best.value:.4f}); this study has no "
+                      f"the best search trial ({column} {best.value:.4f}); this study has no "
                       "target budget")
     elif baseline:
         out = Retrain(target_config(study, "baseline", None), "baseline",
@@ -230,13 +237,13 @@ def retrain_config(study_dir: Path, storage: str | None = None, epochs: float | 
     elif ans.is_baseline:
         assert ans.baseline.value is not None
         out = Retrain(target_config(study, "baseline", None), "baseline",
-                      "the baseline: no configuration of the search beat its validation loss "
+                      f"the baseline: no configuration of the search beat its {column} "
                       f"({ans.baseline.value:.4f}) at the target budget")
     else:
         assert ans.best.value is not None and ans.baseline.value is not None
         out = Retrain(target_config(study, "candidate", ans.source_trial),
                       f"trial {ans.source_trial}",
-                      f"trial {ans.source_trial}: val_loss {ans.best.value:.4f} at the target "
+                      f"trial {ans.source_trial}: {column} {ans.best.value:.4f} at the target "
                       f"budget against the baseline's {ans.baseline.value:.4f}")
     values: dict[str, object] = {"data.val_size": 0, "data.train_fraction": 1.0,
                                  "tta": TrainConfig().tta}

@@ -10,7 +10,8 @@ pruners only ever see one fidelity:
   user's ``--config``) untouched, so the study knows what it has to beat;
 * the **candidates**, after the search: its ``Target.top_k`` best distinct configurations.
 
-The **answer** is the best of these on validation loss at the target budget. A candidate must
+The **answer** is the best of these on the study's metric (:mod:`cifarlab.tune.metric`) at
+the target budget. A candidate must
 beat the baseline to be the answer; when none does, the baseline is the answer and the study
 says so. Target trials store only references (``role``, ``source_trial``), and their configs are
 rebuilt from the study's own attributes, so any worker that reaches the storage can run them.
@@ -212,7 +213,7 @@ class Answer:
 
     @property
     def improvement(self) -> float | None:
-        """Baseline's validation loss minus the answer's (> 0: the study paid off)."""
+        """Baseline's metric minus the answer's (> 0: the study paid off)."""
         if self.best is None or self.baseline is None:
             return None
         assert self.best.value is not None and self.baseline.value is not None

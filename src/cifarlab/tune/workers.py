@@ -27,6 +27,7 @@ from cifarlab.data import load_data
 from cifarlab.errors import CifarlabError, ConfigError, StudyError
 from cifarlab.files import atomic_write_text
 from cifarlab.tune.interrupt import StopFlag
+from cifarlab.tune.metric import DEFAULT_METRIC, METRIC_ATTR, get_metric, study_metric
 from cifarlab.tune.objective import Objective, TargetObjective
 from cifarlab.tune.samplers import default_startup, make_pruner, make_sampler
 from cifarlab.tune.space import SearchSpace, default_space
@@ -99,6 +100,7 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
                                   "same (--model sets the space's).")
             study.set_user_attr(BASE_ATTR, base.to_dict())
         study.set_user_attr(SPACE_ATTR, space.to_dict())
+        study.set_user_attr(METRIC_ATTR, get_metric(settings.metric or DEFAULT_METRIC).name)
         study.set_user_attr(SETTINGS_ATTR, {
             "sampler": settings.sampler, "pruner": settings.pruner, "seed": settings.seed,
             "cifarlab": __version__, "optuna": optuna.__version__})
@@ -111,6 +113,10 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
             settings.base).to_dict():
         raise StudyError(f"Study {settings.name!r} already exists with another starting "
                          "config; resume it without --config, or choose another --name.")
+    elif settings.metric is not None and get_metric(settings.metric) != study_metric(study):
+        raise StudyError(f"Study {settings.name!r} minimises {study_metric(study).name}; resume "
+                         f"it without --metric (or with --metric {study_metric(study).name}), "
+                         "or choose another --name.")
     _set_target(study, settings)
     target_study = open_target(study)  # created here, once, before any worker looks for it
     if settings.target_trials:
@@ -225,10 +231,12 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                                      pruner=optuna.pruners.NopPruner())
     stop = StopFlag()
     prefix = f"w{index} " if settings.workers > 1 else ""
-    table = LiveTable(prefix=prefix, quiet=settings.quiet)
-    target_table = LiveTable(prefix=prefix, quiet=settings.quiet, target=target)
+    column = study_metric(study0).column
+    table = LiveTable(prefix=prefix, quiet=settings.quiet, column=column)
+    target_table = LiveTable(prefix=prefix, quiet=settings.quiet, target=target, column=column)
     board = settings.study_dir / "tensorboard" if settings.tensorboard else None
-    objective = Objective(space, base, data, stop, train_seed=settings.seed, tensorboard=board)
+    objective = Objective(space, base, data, stop, train_seed=settings.seed, tensorboard=board,
+                          metric=study_metric(study0))
     target_objective: TargetObjective | None = None
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     table.header()
