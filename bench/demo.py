@@ -92,10 +92,10 @@ def main() -> None:
         f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |",
         "",
         f"Study: {s['n_complete']} search trials complete, {s['n_pruned']} pruned, "
-        f"{s['n_failed']} failed; best cheap validation loss {s['best_value']:.4f} (trial "
+        f"{s['n_failed']} failed; best cheap {s['metric']} {s['best_value']:.4f} (trial "
         f"{s['best_number']}). At the target budget ({args.epochs} epochs, all training images):",
         "",
-        "| configuration | val loss | val acc |",
+        f"| configuration | {s['metric']} ({s['metric_describe']}) | val acc |",
         "|---|---:|---:|",
         *rows,
         "",
