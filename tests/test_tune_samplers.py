@@ -196,3 +196,28 @@ def test_gp_sampler_with_local_candidates_suggests_valid_mixed_points():
     study.optimize(objective, n_trials=20)
     first = min(t.value for t in study.trials[:5])
     assert study.best_value <= first and study.best_value < 0.5
+
+
+def test_local_candidates_centre_on_the_best_posterior_mean_not_a_lucky_draw():
+    """A noisy objective's best observation can be one lucky draw in a bad region; the local
+    search starts from the observed point the GP believes best. Without noise the two agree."""
+    x_dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    rng = np.random.default_rng(0)
+
+    def fitted(points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+        sampler = make_sampler("gp", 0, 4)
+        study = optuna.create_study(sampler=sampler)
+        for x, y in points:
+            study.add_trial(optuna.trial.create_trial(params={"x": x},
+                                                      distributions={"x": x_dist}, value=y))
+        study.ask({"x": x_dist})  # fits the GP
+        best = np.array([study.best_trial.params["x"]])
+        return sampler._incumbent(best), best
+
+    good = [(x, 0.0 + rng.normal(0, 0.1)) for x in np.linspace(0.1, 0.2, 10)]
+    bad = [(x, 1.0 + rng.normal(0, 0.1)) for x in np.linspace(0.8, 0.9, 10)]
+    centre, best = fitted(good + bad + [(0.85, -0.35)])  # one lucky draw among the bad
+    assert best[0] == 0.85 and 0.1 <= centre[0] <= 0.2
+    smooth = [(x, (x - 0.37) ** 2) for x in np.linspace(0.0, 1.0, 12)]
+    centre, best = fitted(smooth)
+    assert centre[0] == pytest.approx(best[0])

@@ -35,6 +35,7 @@ class Metric:
     name: str  # as --metric spells it
     column: str  # the short label of tables and plots
     describe: str  # what it is, in words
+    axis: str  # short enough for a plot's axis
 
     def value(self, scores: dict[str, Any]) -> float | None:
         """The metric from an epoch row or a result's validation figures (None: not measured).
@@ -48,9 +49,9 @@ class Metric:
 
 METRICS = {m.name: m for m in (
     Metric("calibrated-loss", "val_cal_loss",
-           "validation cross-entropy at its best temperature"),
-    Metric("loss", "val_loss", "validation cross-entropy"),
-    Metric("error", "val_error", "validation error (1 - accuracy)"),
+           "validation cross-entropy at its best temperature", "val. loss (calibrated)"),
+    Metric("loss", "val_loss", "validation cross-entropy", "validation loss"),
+    Metric("error", "val_error", "validation error (1 - accuracy)", "validation error"),
 )}
 DEFAULT_METRIC = "calibrated-loss"
 

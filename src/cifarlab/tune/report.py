@@ -51,7 +51,7 @@ def _write_report(study_dir: Path, out: Path, storage: str | None) -> list[Path]
     importances = _importances(study)
     important = list(importances)[:MAX_SLICES] or list(completed[-1].params)[:MAX_SLICES]
     surrogate = fit_surrogate(study)
-    label = study_metric(study).describe
+    label = study_metric(study).axis
 
     figures: list[tuple[str, str, Any]] = []  # (name, title, plotly figure)
     written: list[Path] = []
@@ -171,7 +171,7 @@ def _surrogate_axes(slices: list[dict[str, Any]], study: optuna.Study, label: st
     return axes
 
 
-def _surrogate_plotly(slices: list[dict[str, Any]], label: str) -> Any:
+def _surrogate_plotly(slices: list[dict[str, Any]], axis: str) -> Any:
     from plotly.subplots import make_subplots
 
     cols = min(2, len(slices))
@@ -200,7 +200,7 @@ def _surrogate_plotly(slices: list[dict[str, Any]], label: str) -> Any:
                                 row=r, col=c, showlegend=show)
         if s["log"]:
             fig.update_xaxes(type="log", row=r, col=c)
-        fig.update_yaxes(title_text=label, row=r, col=c)
+        fig.update_yaxes(title_text=axis, row=r, col=c)
     fig.update_layout(height=380 * rows, title="GP surrogate (others at the best trial)")
     return fig
 

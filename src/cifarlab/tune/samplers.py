@@ -86,15 +86,32 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
         if best_params is None or len(cont) == 0 or self.n_local_candidates <= 0:
             return super()._optimize_acqf(acqf, best_params)
         rng = self._rng.rng
-        cands = perturb(best_params[0], cont, self.n_local_candidates, self.local_scales, rng)
+        center = self._incumbent(best_params[0])
+        starts = best_params if np.array_equal(center, best_params[0]) else np.vstack(
+            [best_params, center[None, :]])
+        cands = perturb(center, cont, self.n_local_candidates, self.local_scales, rng)
         values = acqf.eval_acqf_no_grad(cands)
-        room = max(0, self._n_local_search - 1 - len(best_params))
+        room = max(0, self._n_local_search - 1 - len(starts))
         top = cands[np.argsort(values)[::-1][:min(3, room)]]
         normalized, _ = optim_mixed.optimize_acqf_mixed(
-            acqf, warmstart_normalized_params_array=np.vstack([best_params, top]),
+            acqf, warmstart_normalized_params_array=np.vstack([starts, top]),
             n_preliminary_samples=self._n_preliminary_samples,
             n_local_search=self._n_local_search, tol=self._tol, rng=rng)
         return normalized
+
+    def _incumbent(self, best_observed: np.ndarray) -> np.ndarray:
+        """The observed point with the best posterior mean under the GP just fitted: the centre
+        of the local candidates. A noisy objective's best observation is often a lucky draw;
+        where the fit found no noise the two coincide."""
+        gprs = self._gprs_cache_list
+        if not gprs or len(gprs) != 1:  # (one objective: the only kind cifarlab runs)
+            return best_observed
+        import torch
+
+        x = gprs[0]._X_train
+        with torch.no_grad():
+            mean, _ = gprs[0].posterior(x)
+        return x[int(torch.argmax(mean))].detach().cpu().numpy().astype(best_observed.dtype)
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
