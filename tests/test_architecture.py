@@ -21,7 +21,7 @@ LAYERS = [
     {"tblog"},
     {"runs"},
     {"infer", "export"},
-    {"loader", "optim"},
+    {"loader", "optim", "checkpoint"},
     {"trainer", "kerasfit"},
     {"doctor"},
     {"tune", "serve"},

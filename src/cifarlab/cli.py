@@ -183,7 +183,7 @@ def train(model: str, recipe: str | None, config_file: Path | None, from_study: 
     writer = RunWriter(run_dir)  # refuses a finished run's folder before any work
     split = load_data(cfg.data)
     if engine == "keras":
-        from cifarlab.kerasfit import train_with_keras as run_training
+        from cifarlab.kerasfit import train_with_keras as run_training  # type: ignore[assignment]
 
         if tensorboard:
             raise CifarlabError("--tensorboard goes with the cifarlab engine; with --engine "

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cifarlab.builders import build_model
-from cifarlab.callbacks import Callback, TrainResult, TrainState
+from cifarlab.callbacks import Callback, StopReason, TrainResult, TrainState
+from cifarlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData, load_data
 from cifarlab.errors import ConfigError
@@ -69,12 +71,20 @@ def train(
     data: SplitData | None = None,
     evaluate_test: bool = True,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    pause_at_epoch: int | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.data`` and return the model with its metrics.
 
     Per-step and per-epoch metrics reach ``callbacks`` in order; a callback may end training
     with ``state.stop(StopReason(...))``. The test split is evaluated only at the end, and only
     when ``evaluate_test`` is true. Raises :class:`ConfigError` for invalid settings.
+
+    Pause and resume (:mod:`cifarlab.checkpoint`): with ``checkpoint`` (a folder) the run
+    continues from the state saved there, if any, and saves its state there when it ends;
+    with ``pause_at_epoch`` too, it stops after that many epochs of the run (validation
+    measured, no test), with ``stopped_early.kind == "paused"``. Continued with the same config,
+    it ends with the same weights as a run straight through (bitwise on the CPU).
 
     Example::
 
@@ -84,12 +94,17 @@ def train(
     """
     config.validate()
     device = resolve_device(config.device)
+    if pause_at_epoch is not None and (checkpoint is None or pause_at_epoch < 1):
+        raise ConfigError("pause_at_epoch needs a checkpoint folder to save the state in, and "
+                          f"a count of at least 1 epoch (got {pause_at_epoch}).")
     with cudnn_mode(device, config.deterministic):
-        return _train(config, list(callbacks), data, evaluate_test, progress, device)
+        return _train(config, list(callbacks), data, evaluate_test, progress, device,
+                      checkpoint, pause_at_epoch)
 
 
 def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | None,
-           evaluate_test: bool, progress: bool, device: torch.device) -> TrainResult:
+           evaluate_test: bool, progress: bool, device: torch.device,
+           checkpoint: Path | None = None, pause_at_epoch: int | None = None) -> TrainResult:
     t_start = time.perf_counter()
     precision = resolve_precision(config.precision, device)
     data = data if data is not None else load_data(config.data)
@@ -120,7 +135,10 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
 
     t_train = time.perf_counter()
     init = getattr(model, "init_from_data", None)
-    if callable(init):
+    resumed = load_checkpoint(checkpoint, config) if checkpoint is not None else None
+    if resumed is not None:
+        pass  # the weights come from the checkpoint below
+    elif callable(init):
         # A seeded random sample: splits are stored sorted by class, so a prefix would be
         # one class only and would whiten for, say, airplanes and sky.
         rng = np.random.default_rng(config.seed)
@@ -129,6 +147,19 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     train_seconds = time.perf_counter() - t_train
 
     lookahead: Lookahead | None = None
+    start_epoch = 0
+    if resumed is not None:
+        model.load_state_dict(resumed.model)
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+        torch.set_rng_state(resumed.rng["torch"])
+        loader.gen.set_state(resumed.rng["loader"])
+        loader.epoch, state.step, start_epoch = resumed.loader_epoch, resumed.step, resumed.epoch
+        state.history = list(resumed.history)
+        train_seconds = resumed.train_seconds
+        # at an epoch's end the averaged weights were handed back to the net, so the net is
+        # the average: a fresh Lookahead of it is the one the run had
+        lookahead = Lookahead(model) if resumed.averaging else None
     ema_start = int(config.optim.ema_start_frac * total_steps)
     val = data.val if data.val is not None and len(data.val) else None
     val_images = to_device_images(val.images, device) if val is not None else None
@@ -138,7 +169,18 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         return scores(predict_logits(model, images, norm, device, at, tta), labels)
 
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    for epoch in range(n_epochs):
+
+    def save(epoch: int) -> None:
+        assert checkpoint is not None
+        save_checkpoint(checkpoint, Checkpoint(
+            config=config.to_dict(), epoch=epoch, step=state.step, train_seconds=train_seconds,
+            history=state.history, averaging=lookahead is not None, loader_epoch=loader.epoch,
+            model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            rng={"torch": torch.get_rng_state(), "loader": loader.gen.get_state()}))
+
+    paused = False
+    for epoch in range(start_epoch, n_epochs):
         state.epoch = epoch
         t0 = time.perf_counter()
         hook = getattr(model, "on_epoch_start", None)
@@ -185,8 +227,9 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
             "images_per_second": round(seen / epoch_seconds, 1) if epoch_seconds > 0 else None,
         }
         last = state.step >= total_steps or state.should_stop
+        pause = pause_at_epoch is not None and epoch + 1 >= pause_at_epoch and not last
         if val is not None and val_images is not None and (
-                (epoch + 1) % config.eval_every == 0 or last):
+                (epoch + 1) % config.eval_every == 0 or last or pause):
             row["val_loss"], row["val_acc"], row["val_cal_loss"] = evaluate(
                 val_images, val.labels, 0)
         state.history.append(row)
@@ -194,8 +237,17 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
             cb.on_epoch_end(state, row)
         if state.step >= total_steps or state.should_stop:
             break
+        if pause:
+            save(epoch + 1)
+            paused = True
+            state.stop(StopReason("trainer", "paused", f"paused after epoch {epoch + 1} of "
+                                  f"{n_epochs}; continue from {checkpoint}"))
+            break
+    if checkpoint is not None and not paused and not state.should_stop:
+        save(n_epochs)  # finished: a second call returns this result without training again
 
-    return finish(state, data, evaluate, val_images, callbacks, evaluate_test=evaluate_test,
+    return finish(state, data, evaluate, val_images, callbacks,
+                  evaluate_test=evaluate_test and not paused,
                   train_seconds=train_seconds, t_start=t_start)
 
 
