@@ -60,12 +60,19 @@ def test_paused_and_continued_equals_straight_through(learnable, tmp_path, optim
     same_weights(straight.model, done.model)
 
 
-def test_a_checkpoint_continues_only_with_its_own_config(learnable, tmp_path):
+@pytest.fixture
+def paused(learnable, tmp_path):
+    """A 2-epoch run paused after its first epoch: (config, data, checkpoint folder)."""
     cfg = config(learnable)
     cfg.optim.epochs = 2
     data = load_data(cfg.data)
     ck = tmp_path / "ck"
     train(cfg, data=data, evaluate_test=False, progress=False, checkpoint=ck, pause_at_epoch=1)
+    return cfg, data, ck
+
+
+def test_a_checkpoint_continues_only_with_its_own_config(paused):
+    cfg, data, ck = paused
     other = cfg.with_values({"optim.lr": cfg.optim.lr * 2})
     with pytest.raises(ConfigError, match=r"another config \(optim\.lr"):
         train(other, data=data, evaluate_test=False, progress=False, checkpoint=ck)
@@ -73,12 +80,8 @@ def test_a_checkpoint_continues_only_with_its_own_config(learnable, tmp_path):
         train(cfg, data=data, progress=False, pause_at_epoch=1)
 
 
-def test_a_damaged_checkpoint_is_refused_and_names_the_file(learnable, tmp_path):
-    cfg = config(learnable)
-    cfg.optim.epochs = 2
-    data = load_data(cfg.data)
-    ck = tmp_path / "ck"
-    train(cfg, data=data, evaluate_test=False, progress=False, checkpoint=ck, pause_at_epoch=1)
+def test_a_damaged_checkpoint_is_refused_and_names_the_file(paused):
+    cfg, data, ck = paused
     tensors = next(ck.glob("tensors-*.safetensors"))
     tensors.write_bytes(tensors.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(RunError, match=f"{tensors.name}: missing or not the file"):

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cifarlab.config import TrainConfig
+from cifarlab.config import TrainConfig, flatten
 from cifarlab.errors import ConfigError, RunError
 from cifarlab.files import atomic_write, atomic_write_text
 
@@ -132,7 +132,7 @@ def load_checkpoint(folder: Path, config: TrainConfig) -> Checkpoint | None:
 
 
 def _check_same_config(path: Path, stored_raw: dict[str, Any], config: TrainConfig) -> None:
-    stored, ours = _flat(stored_raw), _flat(config.to_dict())
+    stored, ours = flatten(stored_raw), flatten(config.to_dict())
     diffs = [k for k in sorted(set(stored) | set(ours))
              if k != "device" and stored.get(k) != ours.get(k)]
     if diffs:
@@ -140,16 +140,6 @@ def _check_same_config(path: Path, stored_raw: dict[str, Any], config: TrainConf
                            for k in diffs[:3])
         raise ConfigError(f"{path} was written by a run with another config ({detail}); "
                           "continue it with the same config, or start a new run elsewhere.")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _sha256(path: Path) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "config_paths",
     "default_val_size",
+    "flatten",
     "load_config_file",
     "resolve_key",
 ]
@@ -223,6 +224,17 @@ def _is_plain(value: Any) -> bool:
 
 
 MODEL_ARGS = "model_args."
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict (``TrainConfig.to_dict()``) as dotted keys: ``{"optim.lr": ...}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def config_paths() -> dict[str, Any]:

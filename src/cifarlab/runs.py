@@ -29,7 +29,7 @@ from torch import nn
 from cifarlab import __version__
 from cifarlab.builders import display_name, model_source, rebuild
 from cifarlab.callbacks import Callback, TrainResult, TrainState
-from cifarlab.config import TrainConfig
+from cifarlab.config import TrainConfig, flatten
 from cifarlab.errors import CifarlabError, RunError
 from cifarlab.files import atomic_write, atomic_write_text
 from cifarlab.hardware import INFERENCE_PRECISION
@@ -257,17 +257,7 @@ def load_run(path: Path | str) -> LoadedRun:
 def config_differences(runs: list[RunInfo]) -> list[str]:
     """The dotted config keys whose values differ among ``runs`` (where they differ: what
     `cifarlab compare` shows next to the accuracies)."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    flats = [flat(r.config.to_dict()) for r in runs]
+    flats = [flatten(r.config.to_dict()) for r in runs]
     keys = sorted(set().union(*flats)) if flats else []
     return [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
 
