@@ -136,9 +136,7 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     t_train = time.perf_counter()
     init = getattr(model, "init_from_data", None)
     resumed = load_checkpoint(checkpoint, config) if checkpoint is not None else None
-    if resumed is not None:
-        pass  # the weights come from the checkpoint below
-    elif callable(init):
+    if resumed is None and callable(init):  # (a resumed run's weights come from its checkpoint)
         # A seeded random sample: splits are stored sorted by class, so a prefix would be
         # one class only and would whiten for, say, airplanes and sky.
         rng = np.random.default_rng(config.seed)
