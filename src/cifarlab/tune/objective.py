@@ -1,6 +1,7 @@
 """The objective: train with a trial's parameters and return the study's validation metric
-(:mod:`cifarlab.tune.metric`; never a test figure), reporting each epoch to the pruner and recording failures with their reasons and the
-doctor's findings, so the surrogate learns where not to go."""
+(:mod:`cifarlab.tune.metric`; never a test figure), reporting each epoch to the pruner and
+recording failures with their reasons and the doctor's findings, so the surrogate learns where
+not to go."""
 
 from __future__ import annotations
 
