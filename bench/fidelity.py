@@ -91,6 +91,7 @@ def main() -> None:
             r = train(cfg, [], data=datas[fraction], evaluate_test=False, progress=False)
             results[key] = {"config": i, "params": params, "epochs": epochs,
                             "fraction": fraction, "val_loss": r.val_loss, "val_acc": r.val_acc,
+                            "val_cal_loss": r.val_cal_loss,
                             "seconds": round(time.perf_counter() - t0, 1), "machine": machine()}
             print(key, json.dumps(results[key]), flush=True)
             a.results.parent.mkdir(parents=True, exist_ok=True)
