@@ -7,6 +7,8 @@ order:
 * :mod:`.metric`: what a study minimises (calibrated or plain cross-entropy, or error);
 * :mod:`.space`: search spaces and fidelity (files, checks, the built-in space);
 * :mod:`.samplers`: the failure-aware GP sampler, peers and pruners;
+* :mod:`.curves`, :mod:`.freezethaw`: the learning-curve GP, and the cost-aware decision to
+  start a configuration or continue a paused one (multi-fidelity);
 * :mod:`.storage`: where a study lives (SQLite, PostgreSQL) and what it stores;
 * :mod:`.target`: the baseline and the search's best at the target budget, and the answer;
 * :mod:`.summary`: the live table, the summary, the best configuration to retrain;

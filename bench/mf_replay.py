@@ -1,0 +1,249 @@
+"""Multi-fidelity samplers replayed on cheap problems: which one finds a good configuration at
+the target budget for the least training?
+
+    python bench/mf_replay.py [--problems mf-branin mf-hartmann6] [--seeds 20]
+                              [--methods ...] [--results bench-out/mf-replay.json] [--jobs 2]
+
+A *problem* gives the loss of a configuration after a budget ``b`` (a fraction of the target
+budget): here the standard multi-fidelity test functions of the BO literature, BoTorch's
+AugmentedBranin and AugmentedHartmann (Wu et al. 2019; fidelity ``s = b``; the target ``b = 1``
+is the plain function). Training is replayed: a trial reports its loss at each rung
+(``b`` = 1/9, 1/3, 1), and what it costs is the budget it consumed (a continued trial pays only for
+the rungs it adds). Every method gets the same total budget, counted in target-budget units.
+
+Methods:
+
+* ``cifarlab-mf``: :class:`cifarlab.tune.freezethaw.FreezeThaw` (learning-curve GP, expected
+  improvement at the target per unit of cost; start or continue);
+* ``cifarlab-gp``: cifarlab's GP sampler, every trial at the target budget;
+* ``tpe-hyperband`` (BOHB-like), ``random-asha``, ``random-hyperband``: Optuna's samplers with
+  its pruners, reporting at every rung.
+
+The score after a compute ``c`` is the regret (at the target) of the best configuration that
+reached the target budget within ``c``: every method's answer is evaluated there. Results are kept
+per (problem, method, seed) in ``--results`` as they finish, so the run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, publish
+from bo_functions import _H6_A, _H6_P, _H_ALPHA
+
+RUNGS = (1 / 9, 1 / 3, 1.0)
+STEPS = 9  # the pruners' resource units: rungs at 1, 3, 9
+METHODS = ("cifarlab-mf", "cifarlab-gp", "tpe-hyperband", "random-asha", "random-hyperband")
+
+
+@dataclass(frozen=True)
+class MFProblem:
+    name: str
+    dims: int
+    lows: np.ndarray
+    highs: np.ndarray
+    fmin: float  # at the target budget
+    budget: float  # total compute per run, in target-budget units
+
+    def value(self, u: np.ndarray, b: float) -> float:
+        x = self.lows + np.asarray(u, dtype=float) * (self.highs - self.lows)
+        return _FUNCTIONS[self.name](x, b)
+
+
+def _aug_branin(x: np.ndarray, s: float) -> float:
+    x1, x2 = x
+    t1 = x2 - (5.1 / (4 * math.pi**2) - 0.1 * (1 - s)) * x1**2 + 5 / math.pi * x1 - 6
+    return float(t1**2 + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
+
+
+def _aug_hartmann6(x: np.ndarray, s: float) -> float:
+    e = np.exp(-np.sum(_H6_A * (x - _H6_P) ** 2, axis=1))
+    alpha = _H_ALPHA.copy()
+    alpha[0] -= 0.1 * (1 - s)
+    return float(-np.sum(alpha * e))
+
+
+_FUNCTIONS = {"mf-branin": _aug_branin, "mf-hartmann6": _aug_hartmann6}
+PROBLEMS = {
+    "mf-branin": MFProblem("mf-branin", 2, np.array([-5.0, 0.0]), np.array([10.0, 15.0]),
+                           0.397887, 20.0),
+    "mf-hartmann6": MFProblem("mf-hartmann6", 6, np.zeros(6), np.ones(6), -3.32237, 40.0),
+}
+
+
+class Replay:
+    """Bookkeeping shared by all methods: the compute spent and the answer's regret."""
+
+    def __init__(self, problem: MFProblem) -> None:
+        self.p = problem
+        self.spent = 0.0
+        self.best = math.inf  # best loss of a configuration that reached the target
+        self.trace: list[tuple[float, float]] = []  # (compute, regret) at each change
+
+    def train(self, u: np.ndarray, a: float, b: float) -> float:
+        """Train from budget ``a`` to ``b``; the loss at ``b``."""
+        self.spent += b - a
+        y = self.p.value(u, b)
+        if b >= 1.0 - 1e-9 and y < self.best:
+            self.best = y
+            self.trace.append((round(self.spent, 6), y - self.p.fmin))
+        return y
+
+    @property
+    def out(self) -> bool:
+        return self.spent >= self.p.budget - 1e-9
+
+
+def run_freezethaw(problem: MFProblem, seed: int) -> Replay:
+    from cifarlab.tune.freezethaw import DONE, PAUSED, CostModel, Curve, FreezeThaw
+
+    r = Replay(problem)
+    policy = FreezeThaw(RUNGS, lambda rng, n: rng.random_sample((n, problem.dims)),
+                        n_startup=max(5, problem.dims + 2), seed=seed)
+    curves: list[Curve] = []
+    cost = CostModel(rate=1.0)  # the replay's seconds are budget units: no overhead to learn
+    while not r.out:
+        d = policy.decide(curves, cost)
+        if d.index is None:
+            curves.append(Curve(x=d.x))
+            c = curves[-1]
+        else:
+            c = curves[d.index]
+        y = r.train(c.x, c.budget, d.to_budget)
+        c.budgets.append(d.to_budget)
+        c.values.append(y)
+        c.state = DONE if d.to_budget >= 1.0 - 1e-9 else PAUSED
+    return r
+
+
+def run_optuna(problem: MFProblem, method: str, seed: int) -> Replay:
+    import optuna
+
+    from cifarlab.tune.samplers import make_pruner, make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    sampler_name, _, pruner_name = method.partition("-")
+    if sampler_name == "cifarlab":
+        sampler, pruner, steps = make_sampler("gp", seed, 10), optuna.pruners.NopPruner(), [STEPS]
+    else:
+        sampler = make_sampler(sampler_name, seed, 10)
+        pruner = make_pruner(pruner_name, STEPS)
+        steps = [round(b * STEPS) for b in RUNGS]
+    study = optuna.create_study(sampler=sampler, pruner=pruner)
+    r = Replay(problem)
+    while not r.out:
+        t = study.ask()
+        u = np.array([t.suggest_float(f"x{i}", 0.0, 1.0) for i in range(problem.dims)])
+        done, prev, y = True, 0, math.nan
+        for k in steps:
+            y = r.train(u, prev / STEPS, k / STEPS)
+            prev = k
+            if k == STEPS:
+                break
+            t.report(y, k)
+            if t.should_prune() or r.out:
+                done = False
+                break
+        if done:
+            study.tell(t, y)
+        else:
+            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    return r
+
+
+def run_one(args: tuple[str, str, int]) -> tuple[str, dict[str, Any]]:
+    import torch
+
+    torch.set_num_threads(1)
+    pname, method, seed = args
+    t0 = time.perf_counter()
+    p = PROBLEMS[pname]
+    r = run_freezethaw(p, seed) if method == "cifarlab-mf" else run_optuna(p, method, seed)
+    return f"{pname}/{method}/{seed}", {"trace": r.trace, "spent": r.spent,
+                                        "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def regret_at(trace: list[list[float]], c: float) -> float:
+    reg = [g for spent, g in trace if spent <= c + 1e-9]
+    return min(reg) if reg else math.inf
+
+
+def report(results: dict, problems: list[str], methods: list[str], seeds: int) -> None:
+    lines = [
+        "## Multi-fidelity samplers, replayed (`bench/mf_replay.py`)",
+        "",
+        f"Machine: {machine()}. Rungs {', '.join(f'{b:.3g}' for b in RUNGS)} of the target "
+        f"budget; {seeds} seeds; regret at the target of the best configuration that reached it. "
+        "Median over seeds at half and all of the compute (target-budget units), and the "
+        "compute at which the median regret first reaches the best peer's final median.",
+        "",
+    ]
+    for pname in problems:
+        p = PROBLEMS[pname]
+        grid = np.linspace(0, p.budget, 201)
+        med: dict[str, np.ndarray] = {}
+        secs: dict[str, float] = {}
+        for m in methods:
+            runs = [results.get(f"{pname}/{m}/{s}") for s in range(seeds)]
+            if any(x is None for x in runs):
+                continue
+            med[m] = np.median([[regret_at(x["trace"], c) for c in grid] for x in runs], axis=0)
+            secs[m] = float(np.median([x["seconds"] for x in runs]))
+        if not med:
+            continue
+        peers = [m for m in med if m != "cifarlab-mf"]
+        best_peer = min(peers, key=lambda m: med[m][-1]) if peers else None
+        lines += [f"**{pname}** (budget {p.budget:g})", "",
+                  "| method | regret at half | regret at end | reaches best peer's final at | "
+                  "s per run |", "|---|---:|---:|---:|---:|"]
+        for m, curve in med.items():
+            reach = "–"
+            if best_peer is not None:
+                hit = np.nonzero(curve <= med[best_peer][-1])[0]
+                reach = f"{grid[hit[0]]:.1f}" if len(hit) else "never"
+            lines.append(f"| {m} | {curve[100]:.4g} | {curve[-1]:.4g} | {reach} | "
+                         f"{secs[m]:.1f} |")
+        lines.append("")
+    publish("mf-replay", lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--results", type=Path, default=Path("bench-out/mf-replay.json"))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    results = json.loads(a.results.read_text()) if a.results.exists() else {}
+    todo = [(p, m, s) for p in a.problems for m in a.methods for s in range(a.seeds)
+            if f"{p}/{m}/{s}" not in results]
+    if not a.report_only and todo:
+        from cifarlab.files import atomic_write_text
+
+        a.results.parent.mkdir(parents=True, exist_ok=True)
+        with ProcessPoolExecutor(a.jobs) as pool:
+            for key, row in pool.map(run_one, todo):
+                results[key] = row
+                atomic_write_text(a.results, json.dumps(results))
+                print(key, f"{row['seconds']:.1f}s",
+                      f"final regret {row['trace'][-1][1] if row['trace'] else math.inf:.4g}",
+                      flush=True)
+    report(results, a.problems, a.methods, a.seeds)
+
+
+if __name__ == "__main__":
+    main()

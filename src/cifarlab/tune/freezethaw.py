@@ -1,0 +1,175 @@
+"""Which configuration to train next, and how far: cost-aware freeze-thaw decisions.
+
+A study under this policy holds *curves*: configurations trained to some budget (a fraction of
+the target budget) and then paused, ready to be continued from their checkpoint, or finished at
+the target. Each decision is one of two moves:
+
+* **start** a new configuration and train it to the first rung, ``rungs[0]``;
+* **continue** a paused one from its budget to the next rung.
+
+Both are scored the same way: the expected improvement, *at the target budget*, of the
+configuration's loss over the incumbent (the best posterior mean at the target among the
+configurations tried), divided by the seconds the move costs. The learning-curve GP
+(:mod:`.curves`) supplies the prediction at the target from whatever part of a curve was seen,
+and the seconds are learned from the moves made so far (:class:`CostModel`). A configuration that
+looks good after a short run is continued when its chance to win at the target is worth the
+seconds of the next rung; one that looks poor stays paused, and may be continued later when the
+others turn out worse (freeze-thaw, Swersky et al. 2014), which successive halving never does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from optuna._gp.acqf import standard_logei
+
+from cifarlab.tune.curves import CurveModel, fit_curves
+
+__all__ = ["CostModel", "Curve", "Decision", "FreezeThaw", "log_ei"]
+
+PAUSED, RUNNING, DONE = "paused", "running", "done"
+
+
+@dataclass
+class Curve:
+    """One configuration's learning curve so far."""
+
+    x: np.ndarray  # normalized hyperparameters
+    budgets: list[float] = field(default_factory=list)  # fractions of the target, rising
+    values: list[float] = field(default_factory=list)  # the loss at each
+    state: str = PAUSED  # PAUSED (can be continued), RUNNING (by another worker), DONE
+    seconds: float = 0.0  # training seconds spent on it so far
+
+    @property
+    def budget(self) -> float:
+        return self.budgets[-1] if self.budgets else 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Train ``x`` (curve ``index``, or a new one when None) from its budget to ``to_budget``."""
+
+    index: int | None
+    x: np.ndarray
+    to_budget: float
+    log_score: float  # log expected improvement at the target per second; -inf: no model yet
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of a move that trains from budget ``a`` to ``b``: ``start`` (building the model,
+    loading, the evaluation at the end of every move) plus ``rate`` per unit of budget."""
+
+    rate: float = 1.0
+    start: float = 0.0
+
+    def seconds(self, a: float, b: float) -> float:
+        return self.start + self.rate * max(b - a, 0.0)
+
+    @classmethod
+    def learn(cls, moves: list[tuple[float, float]], default: CostModel | None = None
+              ) -> CostModel:
+        """Least squares of seconds on budget over moves ``(budget trained, seconds)``, with
+        both coefficients kept >= 0; ``default`` until two moves of different size exist."""
+        default = default or cls()
+        if len(moves) < 2:
+            return default
+        db = np.array([m[0] for m in moves], dtype=float)
+        sec = np.array([m[1] for m in moves], dtype=float)
+        if np.ptp(db) <= 0:
+            return cls(rate=float(np.median(sec / np.maximum(db, 1e-12))), start=0.0)
+        rate, start = np.polyfit(db, sec, 1)
+        if start < 0 or rate <= 0:
+            return cls(rate=float(max(np.sum(sec) / max(np.sum(db), 1e-12), 1e-12)), start=0.0)
+        return cls(rate=float(rate), start=float(start))
+
+
+def log_ei(mean: np.ndarray, sd: np.ndarray, best: float) -> np.ndarray:
+    """log E[max(best - Y, 0)] for Y ~ N(mean, sd^2) (minimization), stable far in the tail."""
+    sd = np.maximum(np.asarray(sd, dtype=float), 1e-12)
+    z = torch.from_numpy((best - np.asarray(mean, dtype=float)) / sd)
+    return standard_logei(z).numpy() + np.log(sd)
+
+
+class FreezeThaw:
+    """The decision rule. ``rungs``: the budgets (fractions of the target) where a move may
+    stop, rising to 1. ``n_startup``: configurations started at random before the model leads.
+    ``sample``: ``(rng, n) -> n`` normalized random configurations (the space's own sampler, which
+    knows its integer and categorical steps)."""
+
+    def __init__(self, rungs: tuple[float, ...], sample: Callable[[np.random.RandomState, int],
+                                                                   np.ndarray],
+                 n_startup: int = 10, n_candidates: int = 1024, seed: int | None = None,
+                 is_categorical: np.ndarray | None = None) -> None:
+        if not rungs or any(b <= 0 or b > 1 for b in rungs) or list(rungs) != sorted(set(rungs)):
+            raise ValueError(f"rungs must rise within (0, 1], got {rungs}")
+        self.rungs = tuple(float(b) for b in rungs)
+        if self.rungs[-1] != 1.0:
+            self.rungs = (*self.rungs, 1.0)
+        self.sample = sample
+        self.n_startup = n_startup
+        self.n_candidates = n_candidates
+        self.rng = np.random.RandomState(seed)
+        self.is_categorical = is_categorical
+        self.model: CurveModel | None = None
+
+    def next_rung(self, budget: float) -> float:
+        return next(b for b in self.rungs if b > budget + 1e-9)
+
+    def fit(self, curves: list[Curve]) -> CurveModel | None:
+        pts = [(c.x, b, v) for c in curves for b, v in zip(c.budgets, c.values, strict=True)]
+        if len(pts) < 3:
+            return None
+        x = np.array([p[0] for p in pts])
+        b = np.array([p[1] for p in pts])
+        y = np.array([p[2] for p in pts])
+        # a diverged point counts as the worst loss seen at its budget or above
+        if not np.all(np.isfinite(y)) and np.any(np.isfinite(y)):
+            y = np.where(np.isfinite(y), y, np.nanmax(np.where(np.isfinite(y), y, np.nan)))
+        self.model = fit_curves(x, b, y, self.rungs[0], self.is_categorical, warm=self.model)
+        return self.model
+
+    def decide(self, curves: list[Curve], cost: CostModel) -> Decision:
+        """The next move given every curve of the study (see the module docstring)."""
+        first = self.rungs[0]
+        if len(curves) < self.n_startup:
+            return Decision(None, self.sample(self.rng, 1)[0], first, -math.inf)
+        model = self.fit(curves)
+        if model is None:
+            return Decision(None, self.sample(self.rng, 1)[0], first, -math.inf)
+        tried = np.array([c.x for c in curves])
+        mean_t, _ = model.predict(tried, 1.0)
+        best = float(mean_t.min())
+        incumbent = tried[int(np.argmin(mean_t))]
+        new = np.vstack([self.sample(self.rng, self.n_candidates),
+                         self._local(incumbent, self.n_candidates // 4)])
+        m, sd = model.predict(new, 1.0)
+        new_score = log_ei(m, sd, best) - math.log(max(cost.seconds(0.0, 1.0), 1e-12))
+        i_new = int(np.argmax(new_score))
+        choice = Decision(None, new[i_new], first, float(new_score[i_new]))
+        paused = [i for i, c in enumerate(curves) if c.state == PAUSED and c.budget < 1.0 - 1e-9]
+        if paused:
+            m, sd = model.predict(np.array([curves[i].x for i in paused]), 1.0)
+            score = log_ei(m, sd, best) - np.log([max(cost.seconds(curves[i].budget, 1.0), 1e-12)
+                                                  for i in paused])
+            j = int(np.argmax(score))
+            if score[j] >= choice.log_score:
+                i = paused[j]
+                choice = Decision(i, curves[i].x, self.next_rung(curves[i].budget),
+                                  float(score[j]))
+        return choice
+
+    def _local(self, center: np.ndarray, n: int) -> np.ndarray:
+        """``n`` perturbations of ``center`` (Gaussian steps of 2-15% of the range on a random
+        subset of the dimensions), snapped by the space's sampler where it has steps."""
+        d = len(center)
+        pick = self.rng.random_sample((n, d)) < max(1.0 / d, 0.3)
+        step = self.rng.standard_normal((n, d)) * self.rng.choice([0.02, 0.05, 0.15], (n, 1))
+        out = np.clip(center + np.where(pick, step, 0.0), 0.0, 1.0)
+        if self.is_categorical is not None:
+            out[:, self.is_categorical] = center[self.is_categorical]
+        return out

@@ -1,0 +1,136 @@
+"""The learning-curve surrogate and the freeze-thaw decision rule (cifarlab.tune.curves and
+cifarlab.tune.freezethaw): what they predict and decide on curves whose truth is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from cifarlab.tune.curves import budget_coordinate, fit_curves
+from cifarlab.tune.freezethaw import DONE, PAUSED, CostModel, Curve, FreezeThaw, log_ei
+
+RUNGS = (1 / 9, 1 / 3, 1.0)
+
+
+def truth(x: np.ndarray, b: float) -> float:
+    """A 2-D family of learning curves: the loss at the target is a bowl around (0.3, 0.6); the
+    extra loss of a short run decays as b^-0.5 - 1 at a speed that depends on x, so curves cross."""
+    target = 0.5 + 2.0 * ((x[0] - 0.3) ** 2 + (x[1] - 0.6) ** 2)
+    speed = 0.2 + 0.6 * x[0]
+    return float(target + speed * (b ** -0.5 - 1.0))
+
+
+def observe(xs: np.ndarray, budgets: tuple[float, ...]):
+    pts = [(x, b, truth(x, b)) for x in xs for b in budgets]
+    return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]),
+            np.array([p[2] for p in pts]))
+
+
+def test_budget_coordinate_runs_from_the_smallest_budget_to_the_target() -> None:
+    s = budget_coordinate(np.array([1 / 9, 1 / 3, 1.0, 1 / 27]), 1 / 9)
+    assert np.allclose(s, [0.0, 0.5, 1.0, 0.0])  # log-spaced; below the smallest is clipped
+
+
+def test_curve_model_predicts_the_target_from_short_runs_better_than_their_last_loss() -> None:
+    rng = np.random.RandomState(0)
+    full = rng.random_sample((12, 2))  # configurations seen to the target
+    short = rng.random_sample((10, 2))  # seen only at the first rung
+    x1, b1, y1 = observe(full, RUNGS)
+    x2, b2, y2 = observe(short, RUNGS[:1])
+    model = fit_curves(np.vstack([x1, x2]), np.r_[b1, b2], np.r_[y1, y2], RUNGS[0])
+    assert model is not None
+    mean, sd = model.predict(short, 1.0)
+    true_target = np.array([truth(x, 1.0) for x in short])
+    naive = y2  # a pruned trial imputed as its last loss
+    assert np.mean(np.abs(mean - true_target)) < 0.3 * np.mean(np.abs(naive - true_target))
+    # losses fall with budget in the model as in the data
+    assert np.all(mean < y2)
+    assert np.all(sd > 0)
+    # where it has seen the target, it reproduces it
+    seen, _ = model.predict(full, 1.0)
+    assert np.allclose(seen, [truth(x, 1.0) for x in full], atol=0.02)
+
+
+def test_curve_model_ranks_short_runs_by_their_target_not_their_start() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.RandomState(1)
+    full = rng.random_sample((15, 2))
+    short = rng.random_sample((20, 2))
+    x1, b1, y1 = observe(full, RUNGS)
+    x2, b2, y2 = observe(short, RUNGS[:2])
+    model = fit_curves(np.vstack([x1, x2]), np.r_[b1, b2], np.r_[y1, y2], RUNGS[0])
+    assert model is not None
+    mean, _ = model.predict(short, 1.0)
+    true_target = [truth(x, 1.0) for x in short]
+    last = [truth(x, RUNGS[1]) for x in short]
+    assert spearmanr(mean, true_target).statistic > spearmanr(last, true_target).statistic
+    assert spearmanr(mean, true_target).statistic > 0.9
+
+
+def test_fit_curves_drops_non_finite_losses_and_needs_three_points() -> None:
+    x = np.array([[0.1, 0.2], [0.5, 0.5], [0.9, 0.1]])
+    assert fit_curves(x, np.ones(3), np.array([1.0, math.nan, 2.0]), 1 / 9) is None
+    assert fit_curves(x, np.ones(3), np.array([1.0, 1.5, 2.0]), 1 / 9) is not None
+
+
+def test_log_ei_is_the_closed_form_expected_improvement() -> None:
+    mean = np.array([0.5, 1.0, 1.5, 3.0])
+    sd = np.array([0.2, 0.5, 0.3, 0.4])
+    best = 1.0
+    z = (best - mean) / sd
+    ei = (best - mean) * norm.cdf(z) + sd * norm.pdf(z)
+    assert np.allclose(np.exp(log_ei(mean, sd, best)), ei, rtol=1e-6)
+    assert np.isfinite(log_ei(np.array([100.0]), np.array([0.1]), 0.0)).all()  # far tail
+
+
+def test_cost_model_learns_a_start_cost_and_a_rate() -> None:
+    moves = [(b, 4.0 + 30.0 * b) for b in (1 / 9, 2 / 9, 2 / 3, 1 / 9, 1.0)]
+    cost = CostModel.learn(moves)
+    assert cost.start == pytest.approx(4.0) and cost.rate == pytest.approx(30.0)
+    assert cost.seconds(1 / 3, 1.0) == pytest.approx(4.0 + 20.0)
+    assert CostModel.learn(moves[:1], CostModel(rate=7.0)).rate == 7.0  # too few: the default
+
+
+def _policy(seed: int = 0, n_startup: int = 4) -> FreezeThaw:
+    return FreezeThaw(RUNGS, lambda rng, n: rng.random_sample((n, 2)), n_startup=n_startup,
+                      seed=seed)
+
+
+def test_the_first_moves_start_random_configurations_at_the_first_rung() -> None:
+    d = _policy().decide([], CostModel())
+    assert d.index is None and d.to_budget == RUNGS[0] and d.x.shape == (2,)
+
+
+def test_it_continues_the_promising_paused_curve_and_leaves_the_poor_one() -> None:
+    rng = np.random.RandomState(3)
+    curves = []
+    for x in rng.random_sample((14, 2)):  # the landscape, seen to the target
+        curves.append(Curve(x=x, budgets=list(RUNGS), values=[truth(x, b) for b in RUNGS],
+                            state=DONE))
+    good, poor = np.array([0.3, 0.6]), np.array([0.95, 0.05])
+    for x in (good, poor):
+        curves.append(Curve(x=x, budgets=[RUNGS[0]], values=[truth(x, RUNGS[0])],
+                            state=PAUSED))
+    d = _policy().decide(curves, CostModel(rate=1.0))
+    assert d.index == len(curves) - 2  # the good one, to the next rung
+    assert d.to_budget == RUNGS[1]
+
+
+def test_a_running_or_finished_curve_is_never_continued() -> None:
+    x = np.array([0.3, 0.6])
+    curves = [Curve(x=np.array(p), budgets=list(RUNGS), values=[truth(np.array(p), b)
+                                                               for b in RUNGS], state=DONE)
+              for p in ([0.1, 0.1], [0.9, 0.9], [0.5, 0.2], [0.2, 0.9])]
+    curves.append(Curve(x=x, budgets=[RUNGS[0]], values=[truth(x, RUNGS[0])], state="running"))
+    d = _policy().decide(curves, CostModel())
+    assert d.index is None
+
+
+def test_rungs_are_checked() -> None:
+    with pytest.raises(ValueError, match="rungs"):
+        FreezeThaw((0.5, 0.2), lambda rng, n: rng.random_sample((n, 2)))
+    assert FreezeThaw((0.25, 0.5), lambda rng, n: rng.random_sample((n, 2))).rungs[-1] == 1.0
