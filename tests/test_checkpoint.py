@@ -60,6 +60,32 @@ def test_paused_and_continued_equals_straight_through(learnable, tmp_path, optim
     same_weights(straight.model, done.model)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_paused_inside_epochs_and_continued_equals_straight_through(learnable, tmp_path,
+                                                                    optimizer):
+    """Rungs of a multi-fidelity study fall anywhere, so pauses inside an epoch (before and
+    after weight averaging starts, and once just before an epoch ends) must be exact too."""
+    cfg = config(learnable, optimizer)
+    data = load_data(cfg.data)
+    straight = train(cfg, data=data, evaluate_test=False, progress=False)
+    per_epoch = straight.history[0]["step"]
+    ck = tmp_path / "ck"
+    stops = [3, per_epoch + 5, 3 * per_epoch - 1]
+    for at in stops:
+        part = train(cfg, data=data, evaluate_test=False, progress=False, checkpoint=ck,
+                     pause_at_step=at)
+        assert part.stopped_early is not None and part.stopped_early.kind == "paused"
+        assert part.history[-1]["step"] == at and part.val_loss is not None
+        state = json.loads((ck / "state.json").read_text())
+        assert state["step"] == at and state["in_epoch"] == at % per_epoch
+    assert json.loads((ck / "state.json").read_text())["averaged"]  # saved apart, mid-epoch
+    rest = train(cfg, data=data, evaluate_test=False, progress=False, checkpoint=ck)
+    assert rest.stopped_early is None
+    same_weights(straight.model, rest.model)
+    assert rest.val_loss == straight.val_loss
+    assert rest.history[-1]["step"] == straight.history[-1]["step"]
+
+
 @pytest.fixture
 def paused(learnable, tmp_path):
     """A 2-epoch run paused after its first epoch: (config, data, checkpoint folder)."""
@@ -78,6 +104,8 @@ def test_a_checkpoint_continues_only_with_its_own_config(paused):
         train(other, data=data, evaluate_test=False, progress=False, checkpoint=ck)
     with pytest.raises(ConfigError, match="pause_at_epoch needs a checkpoint"):
         train(cfg, data=data, progress=False, pause_at_epoch=1)
+    with pytest.raises(ConfigError, match="not both"):
+        train(cfg, data=data, progress=False, checkpoint=ck, pause_at_epoch=1, pause_at_step=3)
 
 
 def test_a_damaged_checkpoint_is_refused_and_names_the_file(paused):

@@ -1,9 +1,12 @@
 """Pause and resume a training run: the trainer's whole state in a folder.
 
-A checkpoint is taken at an epoch boundary and holds everything the next epoch reads: the
-model's weights and buffers, the optimizer's per-parameter state and groups, the schedule's
-position, the loader's random stream and epoch count, torch's global random stream, whether
-weight averaging had started, and the history so far. Continued with the same config, a run
+A checkpoint holds everything the rest of the run reads: the model's weights and buffers, the
+optimizer's per-parameter state and groups, the schedule's position, the loader's random stream
+and epoch count, torch's global random stream, whether weight averaging had started, and the
+history so far. Taken inside an epoch, it also holds how many of the epoch's batches were done
+(the loader's stream is then the one from the epoch's start, so the epoch's order and
+augmentation are drawn again identically) and the averaged weights, which inside an epoch differ
+from the net's. Continued with the same config, a run
 gives the same weights as one that ran straight through (bitwise on the CPU; tested).
 
 On disk (no pickle anywhere):
@@ -55,6 +58,8 @@ class Checkpoint:
     optimizer: dict[str, Any]  # torch's Optimizer.state_dict() layout
     scheduler: dict[str, Any]
     rng: dict[str, torch.Tensor] = field(default_factory=dict)  # "torch", "loader"
+    in_epoch: int = 0  # batches of epoch ``epoch`` (0-based) already done; 0 at a boundary
+    averaged: dict[str, torch.Tensor] | None = None  # lookahead's weights, inside an epoch
 
 
 def save_checkpoint(folder: Path, ck: Checkpoint) -> None:
@@ -74,6 +79,8 @@ def save_checkpoint(folder: Path, ck: Checkpoint) -> None:
         optim_state[str(idx)] = plain
     for k, v in ck.rng.items():
         tensors[f"rng.{k}"] = v
+    for k, v in (ck.averaged or {}).items():
+        tensors[f"avg.{k}"] = v.detach()
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     name = f"tensors-{ck.step}.safetensors"
     atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)))
@@ -82,7 +89,8 @@ def save_checkpoint(folder: Path, ck: Checkpoint) -> None:
         "train_seconds": ck.train_seconds, "history": ck.history, "averaging": ck.averaging,
         "loader_epoch": ck.loader_epoch, "optimizer": {
             "state": optim_state, "param_groups": ck.optimizer["param_groups"]},
-        "scheduler": ck.scheduler, "rng": sorted(ck.rng),
+        "scheduler": ck.scheduler, "rng": sorted(ck.rng), "in_epoch": ck.in_epoch,
+        "averaged": ck.averaged is not None,
         "tensors": name, "tensors_sha256": _sha256(folder / name),
     }
     atomic_write_text(folder / STATE_FILE, json.dumps(state, indent=1) + "\n")
@@ -128,6 +136,9 @@ def load_checkpoint(folder: Path, config: TrainConfig) -> Checkpoint | None:
         optimizer={"state": optim_state, "param_groups": state["optimizer"]["param_groups"]},
         scheduler=state["scheduler"],
         rng={k: tensors[f"rng.{k}"] for k in state["rng"]},
+        in_epoch=int(state.get("in_epoch", 0)),
+        averaged=({k[len("avg."):]: v for k, v in tensors.items() if k.startswith("avg.")}
+                  if state.get("averaged") else None),
     )
 
 

@@ -322,10 +322,16 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
                    "temperature (calibrated-loss; the default for a new study), plain "
                    "cross-entropy (loss), or 1 - accuracy (error) [default: the study's own "
                    "when resuming, else calibrated-loss].")
-@click.option("--sampler", type=click.Choice(["gp", "tpe", "random"]), default="gp",
-              show_default=True)
+@click.option("--sampler", type=click.Choice(["gp", "tpe", "random", "freeze-thaw"]),
+              default="gp", show_default=True,
+              help="freeze-thaw: multi-fidelity; every trial trains at the target budget in "
+                   "moves (to 1/9, 1/3, all of it), paused and continued from a checkpoint, "
+                   "chosen by a learning-curve GP by expected improvement per second; "
+                   "--trials then counts target budgets trained, and the fidelity options "
+                   "(--epochs, --train-fraction) are not used.")
 @click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]),
-              default="median", show_default=True)
+              default=None, help="[default: median; none with --sampler freeze-thaw, which "
+                                 "decides itself how far each trial trains]")
 @click.option("--startup", type=click.IntRange(0), default=None,
               help="Random trials before the surrogate [default: max(4, min(10, trials/4))].")
 @click.option("--storage", default=None,
@@ -353,7 +359,7 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_file: Path | None,
          model: str | None, epochs: float | None, train_fraction: float | None, n_trials: int,
          target_epochs: float | None, top_k: int, config_file: Path | None, metric: str | None,
-         sampler: str, pruner: str, startup: int | None, storage: str | None, workers: int,
+         sampler: str, pruner: str | None, startup: int | None, storage: str | None, workers: int,
          devices: str | None, timeout: float | None, seed: int, heartbeat: int,
          data: Path | None,
          image_size: int | None, skip_bad: bool, val_size: int | None, quiet: bool,
@@ -386,6 +392,12 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
         from cifarlab.builders import require
 
         require(space.fidelity.model)  # a Keras model without Keras: say so before any trial
+    if sampler == "freeze-thaw" and pruner not in (None, "none"):
+        click.echo(f"note: --pruner {pruner} is not used with --sampler freeze-thaw: it decides "
+                   "itself how far each configuration trains, and continues paused ones.",
+                   err=True)
+    pruner = ("none" if sampler == "freeze-thaw" else "median") if pruner is None or (
+        sampler == "freeze-thaw") else pruner
     cfg = _data_config(data, image_size, skip_bad)
     cfg.val_size = val_size
     settings = TuneSettings(

@@ -73,6 +73,7 @@ def train(
     progress: bool = True,
     checkpoint: Path | None = None,
     pause_at_epoch: int | None = None,
+    pause_at_step: int | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.data`` and return the model with its metrics.
 
@@ -82,9 +83,10 @@ def train(
 
     Pause and resume (:mod:`cifarlab.checkpoint`): with ``checkpoint`` (a folder) the run
     continues from the state saved there, if any, and saves its state there when it ends;
-    with ``pause_at_epoch`` too, it stops after that many epochs of the run (validation
-    measured, no test), with ``stopped_early.kind == "paused"``. Continued with the same config,
-    it ends with the same weights as a run straight through (bitwise on the CPU).
+    with ``pause_at_epoch`` (or ``pause_at_step``, optimizer steps, which may fall inside an
+    epoch) too, it stops there (validation measured, no test), with ``stopped_early.kind ==
+    "paused"``. Continued with the same config, it ends with the same weights as a run straight
+    through (bitwise on the CPU).
 
     Example::
 
@@ -94,17 +96,21 @@ def train(
     """
     config.validate()
     device = resolve_device(config.device)
-    if pause_at_epoch is not None and (checkpoint is None or pause_at_epoch < 1):
-        raise ConfigError("pause_at_epoch needs a checkpoint folder to save the state in, and "
-                          f"a count of at least 1 epoch (got {pause_at_epoch}).")
+    for name, at in (("pause_at_epoch", pause_at_epoch), ("pause_at_step", pause_at_step)):
+        if at is not None and (checkpoint is None or at < 1):
+            raise ConfigError(f"{name} needs a checkpoint folder to save the state in, and a "
+                              f"count of at least 1 (got {at}).")
+    if pause_at_epoch is not None and pause_at_step is not None:
+        raise ConfigError("Give pause_at_epoch or pause_at_step, not both.")
     with cudnn_mode(device, config.deterministic):
         return _train(config, list(callbacks), data, evaluate_test, progress, device,
-                      checkpoint, pause_at_epoch)
+                      checkpoint, pause_at_epoch, pause_at_step)
 
 
 def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | None,
            evaluate_test: bool, progress: bool, device: torch.device,
-           checkpoint: Path | None = None, pause_at_epoch: int | None = None) -> TrainResult:
+           checkpoint: Path | None = None, pause_at_epoch: int | None = None,
+           pause_at_step: int | None = None) -> TrainResult:
     t_start = time.perf_counter()
     precision = resolve_precision(config.precision, device)
     data = data if data is not None else load_data(config.data)
@@ -127,6 +133,8 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     loader = DeviceLoader(data.train, config, norm, device)
     steps_per_epoch = max(1, len(loader))
     total_steps = max(1, math.ceil(steps_per_epoch * config.optim.epochs))
+    pause_step = (pause_at_epoch * steps_per_epoch if pause_at_epoch is not None
+                  else pause_at_step)
     optimizer, scheduler = build_optimizer(model, config, total_steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, reduction="sum")
     state = TrainState(config, model, optimizer, device, precision, total_steps, steps_per_epoch)
@@ -145,7 +153,7 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     train_seconds = time.perf_counter() - t_train
 
     lookahead: Lookahead | None = None
-    start_epoch = 0
+    start_epoch = in_epoch = 0
     if resumed is not None:
         model.load_state_dict(resumed.model)
         optimizer.load_state_dict(resumed.optimizer)
@@ -153,11 +161,16 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         torch.set_rng_state(resumed.rng["torch"])
         loader.gen.set_state(resumed.rng["loader"])
         loader.epoch, state.step, start_epoch = resumed.loader_epoch, resumed.step, resumed.epoch
+        in_epoch = resumed.in_epoch
         state.history = list(resumed.history)
         train_seconds = resumed.train_seconds
         # at an epoch's end the averaged weights were handed back to the net, so the net is
-        # the average: a fresh Lookahead of it is the one the run had
+        # the average: a fresh Lookahead of it is the one the run had; inside an epoch the
+        # average was saved apart
         lookahead = Lookahead(model) if resumed.averaging else None
+        if lookahead is not None and resumed.averaged is not None:
+            for k, v in resumed.averaged.items():
+                lookahead.avg[k].copy_(v)
     ema_start = int(config.optim.ema_start_frac * total_steps)
     val = data.val if data.val is not None and len(data.val) else None
     val_images = to_device_images(val.images, device) if val is not None else None
@@ -168,14 +181,19 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
 
     n_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, done_in_epoch: int = 0, weights: dict[str, torch.Tensor] | None = None,
+             loader_rng: torch.Tensor | None = None) -> None:
         assert checkpoint is not None
+        inside = done_in_epoch > 0
         save_checkpoint(checkpoint, Checkpoint(
             config=config.to_dict(), epoch=epoch, step=state.step, train_seconds=train_seconds,
             history=state.history, averaging=lookahead is not None, loader_epoch=loader.epoch,
-            model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            rng={"torch": torch.get_rng_state(), "loader": loader.gen.get_state()}))
+            model=weights if weights is not None else model.state_dict(),
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            rng={"torch": torch.get_rng_state(),
+                 "loader": loader_rng if loader_rng is not None else loader.gen.get_state()},
+            in_epoch=done_in_epoch,
+            averaged=lookahead.avg if inside and lookahead is not None else None))
 
     paused = False
     for epoch in range(start_epoch, n_epochs):
@@ -186,10 +204,15 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
             hook(epoch / n_epochs)
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        bar = tqdm(total=min(steps_per_epoch, total_steps - state.step), leave=False,
+        first = in_epoch if epoch == start_epoch else 0  # batches done before a resume
+        bar = tqdm(total=min(steps_per_epoch - first, total_steps - state.step), leave=False,
                    desc=f"epoch {epoch + 1}/{n_epochs}", unit="step",
                    disable=None if progress else True)
-        for inputs, labels in loader:
+        epoch_rng = loader.gen.get_state()  # the epoch's order and draws come from here
+        order = loader.epoch_order()
+        done_in_epoch = 0  # > 0: paused inside the epoch after that many batches
+        for i in range(first, steps_per_epoch):
+            inputs, labels = loader.batch(order, i)
             loss = training_step(model, optimizer, loss_fn, inputs, labels, device, precision)
             scheduler.step()
             state.step += 1
@@ -207,7 +230,14 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
             bar.update(1)
             if state.step >= total_steps or state.should_stop:
                 break
+            if pause_step is not None and state.step >= pause_step and i + 1 < steps_per_epoch:
+                done_in_epoch = i + 1
+                break
+        else:
+            loader.epoch += 1  # (only an epoch run to its end counts, as iterating the loader)
         bar.close()
+        weights = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                   if done_in_epoch and lookahead is not None else None)
         if lookahead is not None:
             lookahead.update(model, 1.0)  # hand the averaged weights back to the net
         if device.type == "cuda":
@@ -215,7 +245,8 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         row: dict[str, Any] = {
-            "epoch": epoch + 1,
+            "epoch": epoch + 1 if not done_in_epoch else round(
+                epoch + done_in_epoch / steps_per_epoch, 4),
             "step": state.step,
             "train_loss": (loss_sum / max(1, seen)).item(),
             "val_loss": None,
@@ -225,7 +256,7 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
             "images_per_second": round(seen / epoch_seconds, 1) if epoch_seconds > 0 else None,
         }
         last = state.step >= total_steps or state.should_stop
-        pause = pause_at_epoch is not None and epoch + 1 >= pause_at_epoch and not last
+        pause = pause_step is not None and state.step >= pause_step and not last
         if val is not None and val_images is not None and (
                 (epoch + 1) % config.eval_every == 0 or last or pause):
             row["val_loss"], row["val_acc"], row["val_cal_loss"] = evaluate(
@@ -236,10 +267,14 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         if state.step >= total_steps or state.should_stop:
             break
         if pause:
-            save(epoch + 1)
+            if done_in_epoch:  # the net's own weights (the average was handed to it to measure)
+                save(epoch, done_in_epoch, weights, epoch_rng)
+            else:
+                save(epoch + 1)
             paused = True
-            state.stop(StopReason("trainer", "paused", f"paused after epoch {epoch + 1} of "
-                                  f"{n_epochs}; continue from {checkpoint}"))
+            state.stop(StopReason("trainer", "paused", f"paused after step {state.step} of "
+                                  f"{total_steps} (epoch {row['epoch']} of {n_epochs}); "
+                                  f"continue from {checkpoint}"))
             break
     if checkpoint is not None and not paused and not state.should_stop:
         save(n_epochs)  # finished: a second call returns this result without training again

@@ -43,9 +43,12 @@ class Curve:
     values: list[float] = field(default_factory=list)  # the loss at each
     state: str = PAUSED  # PAUSED (can be continued), RUNNING (by another worker), DONE
     seconds: float = 0.0  # training seconds spent on it so far
+    reached: float | None = None  # the rung it was trained to, when not its last budget
 
     @property
     def budget(self) -> float:
+        if self.reached is not None:
+            return self.reached
         return self.budgets[-1] if self.budgets else 0.0
 
 

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import optuna
 import torch
 
-from cifarlab.callbacks import Callback, StopReason, TrainState
+from cifarlab.callbacks import Callback, StopReason, TrainResult, TrainState
 from cifarlab.config import TrainConfig
 from cifarlab.doctor.findings import Report
 from cifarlab.doctor.monitor import DoctorMonitor
@@ -48,6 +48,7 @@ class Objective:
     """
 
     kind = "trial"  # the prefix of each trial's TensorBoard folder
+    report_by_step = False  # report at optimizer steps, not epochs (moves that pause anywhere)
 
     def __init__(self, space: SearchSpace, base: TrainConfig, data: Any, stop: StopFlag,
                  train_seed: int = 0, check_every: int = 10, tensorboard: Path | None = None,
@@ -69,15 +70,15 @@ class Objective:
         except ConfigError as exc:
             return self._fail(trial, "config", str(exc), impute=True)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        watch = _TrialWatch(trial, self.stop, self.check_every, self.metric)
+        watch = _TrialWatch(trial, self.stop, self.check_every, self.metric,
+                            self.report_by_step)
         monitor = DoctorMonitor(num_classes=len(self.data.classes))
         callbacks: list[Callback] = [watch, monitor]
         if self.tensorboard is not None:
             callbacks.append(TensorBoardWriter(
                 self.tensorboard / f"{self.kind}-{trial.number}", monitor))
         try:
-            result = train(config, callbacks, data=self.data, evaluate_test=False,
-                           progress=False)
+            result = self.fit(trial, config, callbacks)
         except Exception as exc:
             oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
             _free_device_memory()
@@ -111,6 +112,11 @@ class Objective:
         for key, v in figures.items():
             trial.set_user_attr(key, v)
         return value
+
+    def fit(self, trial: optuna.Trial, config: TrainConfig, callbacks: list[Callback]
+            ) -> TrainResult:
+        """Train the trial's config (a subclass may continue it from a checkpoint)."""
+        return train(config, callbacks, data=self.data, evaluate_test=False, progress=False)
 
     @staticmethod
     def _fail(trial: optuna.Trial, kind: str, reason: str, impute: bool) -> NoReturn:
@@ -172,9 +178,10 @@ def _free_device_memory() -> None:
 class _TrialWatch(Callback):
     """Trainer callback: reports the metric per epoch, prunes, and stops on NaN/Inf."""
 
-    def __init__(self, trial: optuna.Trial, stop: StopFlag, check_every: int, metric: Metric):
+    def __init__(self, trial: optuna.Trial, stop: StopFlag, check_every: int, metric: Metric,
+                 by_step: bool = False):
         self.trial, self.stop, self.check_every = trial, stop, check_every
-        self.metric = metric
+        self.metric, self.by_step = metric, by_step
         self.failure: str | None = None
         self.pruned = False
         self.pruned_at = 0
@@ -205,7 +212,7 @@ class _TrialWatch(Callback):
                             f"after epoch {metrics['epoch']}")
             state.stop(StopReason("tune", "nonfinite", self.failure))
             return
-        self.trial.report(value, metrics["epoch"])
+        self.trial.report(value, state.step if self.by_step else metrics["epoch"])
         if state.step < state.total_steps and self.trial.should_prune():
             self.pruned, self.pruned_at = True, metrics["epoch"]
             state.stop(StopReason("tune", "pruned", f"pruned after epoch {metrics['epoch']}"))

@@ -60,7 +60,8 @@ __all__ = [
     "warp_values",
 ]
 
-SAMPLERS = ("gp", "tpe", "random")
+FREEZE_THAW = "freeze-thaw"  # moves chosen by cifarlab.tune.mfstudy, not by a sampler
+SAMPLERS = ("gp", "tpe", "random", FREEZE_THAW)
 PRUNERS = ("none", "median", "asha", "hyperband")
 IMPUTE_ATTR = "impute_as_worst"  # user attr set on trials that failed because of their params
 
@@ -250,7 +251,8 @@ def recommend(study: optuna.Study, noisy: bool = False) -> FrozenTrial:
 
 
 def make_sampler(name: str, seed: int | None, n_startup: int) -> optuna.samplers.BaseSampler:
-    """``gp`` (cifarlab's failure-aware GP), ``tpe`` or ``random``, all seeded."""
+    """``gp`` (cifarlab's failure-aware GP), ``tpe`` or ``random``, all seeded
+    (``freeze-thaw``: see :mod:`cifarlab.tune.mfstudy`)."""
     if name == "gp":
         return FailureAwareGPSampler(
             seed=seed, n_startup_trials=n_startup,
@@ -260,7 +262,9 @@ def make_sampler(name: str, seed: int | None, n_startup: int) -> optuna.samplers
         # constant_liar: running trials count as bad, so parallel workers spread out
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup,
                                           constant_liar=True)
-    if name == "random":
+    if name in ("random", FREEZE_THAW):
+        # (a freeze-thaw study never asks its sampler: its moves are decided by
+        # cifarlab.tune.freezethaw; this one only answers a stray study.ask())
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}; valid samplers are {', '.join(SAMPLERS)}")
 

@@ -38,14 +38,22 @@ class LiveTable:
         if self.quiet:
             return
         value = "" if trial.value is None else f"{trial.value:.4f}"
-        if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        if trial.state in (TrialState.PRUNED, TrialState.WAITING) and trial.intermediate_values:
             value = f"({trial.intermediate_values[max(trial.intermediate_values)]:.4f})"
+        state = trial.state.name.lower()
+        epochs = trial.user_attrs.get("epochs", "")
+        ft = trial.user_attrs.get("ft")  # a freeze-thaw trial: one row per move
+        if isinstance(ft, dict):
+            state = "paused" if trial.state == TrialState.WAITING else state
+            epochs = f"{100 * ft.get('budget', 0):.0f}%"  # of the target budget, so far
         acc = trial.user_attrs.get("val_acc")
         try:
             best = f"{study.best_value:.4f}"
         except ValueError:
             best = "-"
         seconds = (trial.duration.total_seconds() if trial.duration else 0.0)
+        if isinstance(ft, dict):
+            seconds = sum(m[1] for m in ft.get("moves", []))
         params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
         number = str(trial.number)
         if self.target is not None:  # a trial of the target study
@@ -56,9 +64,9 @@ class LiveTable:
             params = (f"[{'baseline' if role == 'baseline' else 'trial ' + str(trial.user_attrs.get('source_trial'))}"
                       f" at the target budget: {self.target.epochs:g} epochs, all training images]")
             best = ""
-        line = (f"{self.prefix}{number:>5} {trial.state.name.lower():<9} {value:>9} "
+        line = (f"{self.prefix}{number:>5} {state:<9} {value:>9} "
                 f"{'' if acc is None else f'{acc:.4f}':>8} "
-                f"{trial.user_attrs.get('epochs', ''):>6} {seconds:>8.1f} {best:>9}  {params}")
+                f"{epochs:>6} {seconds:>8.1f} {best:>9}  {params}")
         if trial.state == TrialState.FAIL:
             line += f"  [{trial.user_attrs.get('fail_reason', 'failed')}]"
         self.write(line)
@@ -92,11 +100,14 @@ class Summary:
     target_rows: list[dict[str, Any]] | None = None  # every completed target trial, best first
     metric: str = "val_loss"  # the column name of what the study minimises
     metric_describe: str = "validation cross-entropy"
+    n_paused: int = 0  # freeze-thaw trials waiting to be continued
 
     def lines(self) -> list[str]:
         out = [f"study {self.study_name}: {self.n_complete} complete, {self.n_pruned} pruned, "
                f"{self.n_failed} failed" + (f", {self.n_running} running"
-                                            if self.n_running else "")]
+                                            if self.n_running else "")
+               + (f", {self.n_paused} paused (a later run with more --trials may continue them)"
+                  if self.n_paused else "")]
         if self.best_number is None:
             out.append("no trial completed")
         else:
@@ -156,7 +167,8 @@ def summarize(study: optuna.Study) -> Summary:
         best_value=None if best is None else best.value,
         best_val_acc=None if best is None else best.user_attrs.get("val_acc"),
         best_params={} if best is None else dict(best.params), fail_reasons=reasons,
-        metric=metric.column, metric_describe=metric.describe)
+        metric=metric.column, metric_describe=metric.describe,
+        n_paused=sum(1 for t in by_state[TrialState.WAITING] if "ft" in t.user_attrs))
     ans = answer(study)
     if ans.target is None:
         return out

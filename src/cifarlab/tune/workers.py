@@ -28,8 +28,9 @@ from cifarlab.errors import CifarlabError, ConfigError, StudyError
 from cifarlab.files import atomic_write_text
 from cifarlab.tune.interrupt import StopFlag
 from cifarlab.tune.metric import DEFAULT_METRIC, METRIC_ATTR, get_metric, study_metric
+from cifarlab.tune.mfstudy import FreezeThawObjective, FreezeThawRunner, record_candidates
 from cifarlab.tune.objective import Objective, TargetObjective
-from cifarlab.tune.samplers import default_startup, make_pruner, make_sampler
+from cifarlab.tune.samplers import FREEZE_THAW, default_startup, make_pruner, make_sampler
 from cifarlab.tune.space import SearchSpace, default_space
 from cifarlab.tune.storage import (
     DATA_ATTR,
@@ -113,6 +114,10 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
             settings.base).to_dict():
         raise StudyError(f"Study {settings.name!r} already exists with another starting "
                          "config; resume it without --config, or choose another --name.")
+    elif settings.sampler == FREEZE_THAW and study_sampler(study) != FREEZE_THAW:
+        raise StudyError(f"Study {settings.name!r} was made with --sampler "
+                         f"{study_sampler(study)}; a freeze-thaw study trains at the target "
+                         "budget in moves from the start. Choose another --name.")
     elif settings.metric is not None and get_metric(settings.metric) != study_metric(study):
         raise StudyError(f"Study {settings.name!r} minimises {study_metric(study).name}; resume "
                          f"it without --metric (or with --metric {study_metric(study).name}), "
@@ -225,7 +230,8 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
         study_name=settings.name,
         storage=storage,
         sampler=make_sampler(settings.sampler, seed, n_startup),
-        pruner=make_pruner(settings.pruner, math.ceil(space.fidelity.epochs)),
+        pruner=make_pruner("none" if study_sampler(study0) == FREEZE_THAW else settings.pruner,
+                           math.ceil(space.fidelity.epochs)),
     )
     target_study = optuna.load_study(study_name=target_name(settings.name), storage=storage,
                                      pruner=optuna.pruners.NopPruner())
@@ -239,6 +245,21 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                           metric=study_metric(study0))
     target_objective: TargetObjective | None = None
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+    full_data: list[Any] = []
+
+    def full() -> Any:  # the whole training split: the target budget's data
+        if not full_data:
+            full_data.append(data if space.fidelity.train_fraction == 1.0 else load_data(
+                DataConfig(**{**asdict(base.data), "train_fraction": 1.0})))
+        return full_data[0]
+
+    runner: FreezeThawRunner | None = None
+    if study_sampler(study0) == FREEZE_THAW:
+        runner = FreezeThawRunner(
+            study, FreezeThawObjective(study, full(), stop, settings.study_dir / "checkpoints",
+                                       settings.seed, device, tensorboard=board),
+            seed, n_startup, index,
+            own_trials_only=settings.workers > 1 and settings.storage_url.startswith("sqlite"))
     table.header()
     # SQLite's check-and-set of a queued trial is not atomic across processes (PostgreSQL's is:
     # SELECT ... FOR UPDATE), so two workers on one SQLite file could both pop the baseline.
@@ -255,25 +276,30 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                 target_waiting = target_running = False
             if target_waiting:
                 if target_objective is None:
-                    full = data if space.fidelity.train_fraction == 1.0 else load_data(
-                        DataConfig(**{**asdict(base.data), "train_fraction": 1.0}))
-                    target_objective = TargetObjective(study, full, stop, settings.seed, device,
-                                                       tensorboard=board)
+                    target_objective = TargetObjective(study, full(), stop, settings.seed,
+                                                       device, tensorboard=board)
                 target_study.optimize(target_objective, n_trials=1, catch=(Exception,),
                                       callbacks=[target_table], gc_after_trial=False)
                 continue
-            used, waiting = budget_used(study)
-            if (used < settings.n_trials or waiting) and not _out_of_time(
-                    deadline, target_study, target.top_k if settings.target_trials else 0):
-                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[table],
-                               gc_after_trial=False)
-                continue
+            if runner is not None:
+                # --n-trials counts target budgets trained; a move must end before --timeout
+                if runner.compute_used() < settings.n_trials and runner.step(deadline, table):
+                    continue
+            else:
+                used, waiting = budget_used(study)
+                if (used < settings.n_trials or waiting) and not _out_of_time(
+                        deadline, target_study, target.top_k if settings.target_trials else 0):
+                    study.optimize(objective, n_trials=1, catch=(Exception,),
+                                   callbacks=[table], gc_after_trial=False)
+                    continue
             if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 # Another worker's trial is still running; if that worker is dead, its trial
                 # goes stale after the grace period and is retried here, so wait and look again.
                 time.sleep(min(settings.heartbeat_interval, 5))
                 continue
-            if runs_targets and enqueue_candidates(study, target_study, target.top_k):
+            if runs_targets and (
+                    record_candidates(study, target_study, target.top_k) if runner is not None
+                    else enqueue_candidates(study, target_study, target.top_k)):
                 continue  # the search is done: its winners go to the target budget
             if not target_running:
                 break
@@ -291,6 +317,11 @@ def _out_of_time(deadline: float | None, target_study: optuna.Study, top_k: int)
         deepcopy=False, states=(TrialState.COMPLETE,))
         if t.user_attrs.get("role") == "baseline" and t.duration is not None]
     return time.monotonic() > deadline - top_k * (max(took) if took else 0.0)
+
+
+def study_sampler(study: optuna.Study) -> str:
+    """The sampler the study was created with (its settings attribute)."""
+    return str(study.user_attrs.get(SETTINGS_ATTR, {}).get("sampler", "gp"))
 
 
 def _check_same_data(study: optuna.Study, sha: str | None) -> None:

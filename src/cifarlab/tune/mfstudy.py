@@ -1,0 +1,240 @@
+"""A study run under the freeze-thaw rule (``cifarlab tune --sampler freeze-thaw``).
+
+How it maps onto Optuna's model, so that storage, workers and the dashboard keep working:
+
+* **A trial is one configuration**, trained at the target budget itself (the whole training
+  split, the target's epochs, the same config as the target check of :mod:`.target`) in *moves*
+  that stop at rungs, fractions of the target (1/9, 1/3, 1). A move continues from the trial's
+  checkpoint (:mod:`cifarlab.checkpoint`) in ``<study folder>/checkpoints/<params digest>/``;
+  the schedule is the target's, so a trial continued rung by rung ends with the weights of one
+  that ran straight through.
+* **Between moves a trial is paused**: Optuna state WAITING, its curve so far in its
+  intermediate values (step = optimizer steps: every epoch's end and every move's end) and in
+  the user attr ``ft`` (the same points by budget, the rung reached, and each move's budget,
+  seconds and worker). Any worker that sees the shared storage can continue it, on another
+  machine too when the study folder is shared. On SQLite with several workers, a worker
+  continues only the trials it started: SQLite cannot claim a trial atomically across
+  processes (PostgreSQL can: SELECT ... FOR UPDATE).
+* **A trial that reaches the target** is COMPLETE with the study's metric there: one trial, its
+  whole curve in its intermediate values. It is already at the target budget, so its check
+  there is a copy (:func:`record_candidates`), not a second training.
+* **Which move next** is :class:`cifarlab.tune.freezethaw.FreezeThaw`'s decision: start a new
+  configuration or continue a paused one, by expected improvement at the target per second.
+* **``--n-trials`` counts compute**: the study stops making moves once it has trained
+  ``n_trials`` target budgets in all (a plain study's ``n_trials`` trials at its fidelity cost
+  about that at the target), and ``--timeout`` stops it at a move that would end past it.
+
+Pruners have nothing to do here: the rule itself decides how far each configuration trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna._gp.search_space import SearchSpace as GPSpace
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import FrozenTrial, TrialState
+
+from cifarlab.callbacks import Callback, TrainResult
+from cifarlab.config import TrainConfig
+from cifarlab.errors import ConfigError
+from cifarlab.trainer import train
+from cifarlab.tune.freezethaw import DONE, PAUSED, RUNNING, CostModel, Curve, FreezeThaw
+from cifarlab.tune.interrupt import StopFlag
+from cifarlab.tune.metric import study_metric
+from cifarlab.tune.objective import Objective, TrialFailed, TrialInterrupted
+from cifarlab.tune.space import SearchSpace
+from cifarlab.tune.storage import study_space
+from cifarlab.tune.target import CANDIDATE, candidates, study_base, target_config
+
+__all__ = ["FT_ATTR", "RUNGS", "FreezeThawObjective", "FreezeThawRunner", "distributions",
+           "record_candidates"]
+
+FT_ATTR = "ft"
+RUNGS = (1 / 9, 1 / 3, 1.0)
+
+
+def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
+    """The space's parameters as Optuna distributions (a freeze-thaw study needs every
+    parameter in every trial, so conditional ones are refused)."""
+    out: dict[str, BaseDistribution] = {}
+    for p in space.params:
+        if p.when:
+            raise ConfigError(f"Parameter {p.name!r} is conditional (when:); --sampler "
+                              "freeze-thaw needs every parameter in every trial. Use "
+                              "--sampler gp for this space.")
+        if p.kind == "float":
+            out[p.name] = FloatDistribution(float(p.low or 0), float(p.high or 0), log=p.log,
+                                            step=p.step)
+        elif p.kind == "int":
+            out[p.name] = IntDistribution(int(p.low or 0), int(p.high or 0), log=p.log,
+                                          step=int(p.step or 1))
+        else:
+            out[p.name] = CategoricalDistribution(list(p.choices))
+    return out
+
+
+def params_key(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FreezeThawObjective(Objective):
+    """One move of a trial: its config at the target budget, trained from its checkpoint to
+    ``to_budget`` (set before each call), the metric reported at the optimizer step reached."""
+
+    kind = "ft"
+    report_by_step = True
+
+    def __init__(self, study: optuna.Study, data: Any, stop: StopFlag, folder: Path,
+                 train_seed: int = 0, device: str = "auto",
+                 tensorboard: Path | None = None) -> None:
+        super().__init__(study_space(study), study_base(study), data, stop, train_seed,
+                         tensorboard=tensorboard, metric=study_metric(study))
+        self.study, self.device, self.folder = study, device, folder
+        self.to_budget = 1.0
+        self.total_steps = 1  # of the last config trained
+
+    def config(self, trial: optuna.Trial) -> TrainConfig:
+        """The trial's config at the target budget: the target check's own."""
+        return target_config(self.study, CANDIDATE, trial.number).with_values(
+            {"device": self.device})
+
+    def fit(self, trial: optuna.Trial, config: TrainConfig, callbacks: list[Callback]
+            ) -> TrainResult:
+        per_epoch = max(1, len(self.data.train) // config.optim.batch_size)  # as the loader
+        self.total_steps = max(1, math.ceil(per_epoch * config.optim.epochs))
+        pause = None
+        if self.to_budget < 1.0 - 1e-9:
+            pause = max(1, math.ceil(self.to_budget * self.total_steps))
+        return train(config, callbacks, data=self.data, evaluate_test=False, progress=False,
+                     checkpoint=self.folder / params_key(trial.params), pause_at_step=pause)
+
+
+class FreezeThawRunner:
+    """One worker's moves in a freeze-thaw study (see the module docstring)."""
+
+    def __init__(self, study: optuna.Study, objective: FreezeThawObjective, seed: int,
+                 n_startup: int, worker: int, own_trials_only: bool) -> None:
+        self.study, self.objective = study, objective
+        self.dists = distributions(study_space(study))
+        self.gp_space = GPSpace(self.dists)
+        self.worker, self.own_only = worker, own_trials_only
+        self.policy = FreezeThaw(
+            RUNGS, lambda rng, n: self.gp_space.sample_normalized_params(n, rng),
+            n_startup=n_startup, seed=seed, is_categorical=self.gp_space.is_categorical)
+
+    # ------------------------------------------------------------------ the study's state
+    def curves(self) -> tuple[list[Curve], list[FrozenTrial], CostModel]:
+        trials = [t for t in self.study.get_trials(deepcopy=False)
+                  if self.dists.keys() <= t.params.keys()]
+        curves, moves = [], []
+        for t in trials:
+            ft = t.user_attrs.get(FT_ATTR, {})
+            x = self.gp_space.get_normalized_params([t], [{k: t.params[k] for k in self.dists}])[0]
+            c = Curve(x=x, budgets=list(ft.get("budgets", [])), values=list(ft.get("values", [])),
+                      seconds=float(sum(m[1] for m in ft.get("moves", []))),
+                      reached=float(ft.get("budget", 0.0)))
+            moves += [(float(m[0]), float(m[1])) for m in ft.get("moves", [])]
+            if t.state == TrialState.WAITING and c.budget < 1.0 - 1e-9 and (
+                    not self.own_only or ft.get("worker") == self.worker):
+                c.state = PAUSED
+            elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+                c.state = RUNNING  # (another worker's, or not ours to continue)
+            else:
+                c.state = DONE
+                if t.state == TrialState.FAIL and t.user_attrs.get("impute_as_worst"):
+                    c.budgets.append(self.policy.next_rung(c.budget) if c.budget < 1 else 1.0)
+                    c.values.append(math.inf)  # counted as the worst loss seen
+            curves.append(c)
+        return curves, trials, CostModel.learn(moves, default=CostModel(rate=1.0))
+
+    def compute_used(self) -> float:
+        """Target budgets trained so far, all trials together."""
+        return sum(t.user_attrs.get(FT_ATTR, {}).get("budget", 0.0)
+                   for t in self.study.get_trials(deepcopy=False))
+
+    # ------------------------------------------------------------------ one move
+    def step(self, deadline: float | None, table: Any) -> bool:
+        """Decide and make one move; False when no move fits before ``deadline``."""
+        curves, trials, cost = self.curves()
+        d = self.policy.decide(curves, cost)
+        start = 0.0 if d.index is None else curves[d.index].budget
+        if deadline is not None and len(trials) > 0 and (
+                time.monotonic() + cost.seconds(start, d.to_budget) > deadline):
+            return False
+        if d.index is None:
+            params = self.gp_space.get_unnormalized_param(d.x)
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, params=params, distributions=self.dists,
+                user_attrs={FT_ATTR: {"budgets": [], "values": [], "moves": [], "budget": 0.0,
+                                      "worker": self.worker}})
+            tid = self.study._storage.create_new_trial(self.study._study_id, template)
+        else:
+            tid = trials[d.index]._trial_id
+            if not self.study._storage.set_trial_state_values(tid, TrialState.RUNNING):
+                return True  # another worker took it first: decide again
+        self._run(tid, d.to_budget)
+        table(self.study, self.study._storage.get_trial(tid))
+        return True
+
+    def _run(self, trial_id: int, to_budget: float) -> None:
+        storage = self.study._storage
+        trial = optuna.Trial(self.study, trial_id)
+        ft = dict(trial.user_attrs.get(FT_ATTR, {}))
+        self.objective.to_budget = to_budget
+        t0 = time.perf_counter()
+        try:
+            with get_heartbeat_thread(trial_id, storage):
+                value = self.objective(trial)
+        except TrialInterrupted:
+            storage.set_trial_state_values(trial_id, TrialState.WAITING)  # stays paused
+            return
+        except (TrialFailed, optuna.TrialPruned):
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
+        ft["moves"] = [*ft.get("moves", []), [to_budget - ft.get("budget", 0.0),
+                                             round(time.perf_counter() - t0, 3),
+                                             f"{socket.gethostname()}:{os.getpid()}"]]
+        # every point the trial reported (each epoch's end, and the move's end), by budget
+        reported = self.study._storage.get_trial(trial_id).intermediate_values
+        total = self.objective.total_steps
+        ft["budgets"] = [min(1.0, step / total) for step in sorted(reported)]
+        ft["values"] = [reported[step] for step in sorted(reported)]
+        ft["budget"] = to_budget
+        trial.set_user_attr(FT_ATTR, ft)
+        if to_budget >= 1.0 - 1e-9:
+            self.study.tell(trial, value)
+        else:
+            storage.set_trial_state_values(trial_id, TrialState.WAITING)
+
+
+def record_candidates(study: optuna.Study, target_study: optuna.Study, k: int) -> int:
+    """The top ``k`` completed trials of a freeze-thaw study are already at the target: copy
+    them into the target study as completed candidates (once each); returns how many."""
+    present = {t.user_attrs.get("source_trial") for t in target_study.get_trials(deepcopy=False)
+               if t.user_attrs.get("role") == CANDIDATE}
+    added = 0
+    for t in candidates(study, k):
+        if t.number in present:
+            continue
+        attrs: dict[str, Any] = {key: t.user_attrs[key] for key in (
+            "val_loss", "val_acc", "val_cal_loss") if key in t.user_attrs}
+        target_study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=t.value,
+            user_attrs={"role": CANDIDATE, "source_trial": t.number, "copied": True, **attrs}))
+        added += 1
+    return added
