@@ -3,6 +3,7 @@ the target budget for the least training?
 
     python bench/mf_replay.py [--problems mf-branin mf-hartmann6] [--seeds 20]
                               [--methods ...] [--results bench-out/mf-replay.json] [--jobs 2]
+    python bench/mf_replay.py timing     # seconds per decision at 200 observed points
 
 A *problem* gives the loss of a configuration after a budget ``b`` (a fraction of the target
 budget): here the standard multi-fidelity test functions of the BO literature, BoTorch's
@@ -218,7 +219,43 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
     publish("mf-replay", lines)
 
 
+def timing(n_points: int = 200, repeats: int = 10) -> None:
+    """Seconds per decision with ``n_points`` observed points (every trial's reported epochs
+    together): AugmentedHartmann6 curves at 9 budgets each, some paused, as in a study."""
+    import torch
+
+    from cifarlab.tune.freezethaw import DONE, PAUSED, CostModel, Curve, FreezeThaw
+
+    torch.set_num_threads(2)
+    p = PROBLEMS["mf-hartmann6"]
+    rng = np.random.RandomState(0)
+    budgets = [k / 9 for k in range(1, 10)]
+    curves, n = [], 0
+    while n < n_points:
+        x = rng.random_sample(p.dims)
+        k = int(rng.choice([1, 3, 9]))  # stopped at a rung, every epoch reported before it
+        curves.append(Curve(x=x, budgets=budgets[:k], values=[p.value(x, b) for b in budgets[:k]],
+                            state=DONE if k == 9 else PAUSED, reached=budgets[k - 1]))
+        n += k
+    policy = FreezeThaw(RUNGS, lambda r, m: r.random_sample((m, p.dims)), seed=0)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        policy.decide(curves, CostModel())
+        times.append(time.perf_counter() - t0)
+    lines = ["## Freeze-thaw decision time (`bench/mf_replay.py timing`)", "",
+             f"Machine: {machine()}. {sum(len(c.budgets) for c in curves)} observed points "
+             f"({len(curves)} configurations, 6 parameters): median {np.median(times):.3f} s, "
+             f"max {max(times):.3f} s per decision over {repeats} decisions (the first fits "
+             "the GP from scratch, the others start from the previous fit); target at most "
+             "0.5 s at 200 observed epochs."]
+    publish("mf-timing", lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["timing"]:
+        timing()
+        return
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))

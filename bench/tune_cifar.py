@@ -103,7 +103,8 @@ def main() -> None:
                 settings = TuneSettings(
                     study_dir=study_dir, n_trials=100_000, sampler=sampler, pruner=pruner,
                     seed=seed, data=data_cfg, quiet=True, timeout=a.minutes * 60,
-                    target_epochs=a.target_epochs, target_trials=method == "cifarlab")
+                    target_epochs=a.target_epochs,
+                    target_trials=method.startswith("cifarlab"))
                 study, _ = run_study(settings, space)
                 row["study_seconds"] = round(time.perf_counter() - t0, 1)
                 row["study_dir"] = str(study_dir)
