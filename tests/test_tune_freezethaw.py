@@ -18,7 +18,13 @@ from cifarlab.trainer import train
 from cifarlab.tune import open_study
 from cifarlab.tune.interrupt import StopFlag
 from cifarlab.tune.metric import study_metric
-from cifarlab.tune.mfstudy import FT_ATTR, RUNGS, FreezeThawObjective, FreezeThawRunner
+from cifarlab.tune.mfstudy import (
+    FT_ATTR,
+    RUNGS,
+    FreezeThawObjective,
+    FreezeThawRunner,
+    params_key,
+)
 from cifarlab.tune.target import answer, open_target, target_config
 from helpers import call
 from test_tune import SPACE, _popen, tune_args
@@ -65,6 +71,9 @@ def test_freeze_thaw_study_continues_trials_to_the_target(capsys, learnable, tmp
     for t in done:
         assert t.user_attrs[FT_ATTR]["budget"] == 1.0 and t.value == pytest.approx(
             t.user_attrs[FT_ATTR]["values"][-1])
+    # a paused trial keeps its checkpoint; a finished one needs it no more
+    kept = {p.name for p in (study_dir / "checkpoints").iterdir()}
+    assert {params_key(t.params) for t in paused} == kept
     continued = [t for t in done if len(t.user_attrs[FT_ATTR]["moves"]) >= 2]
     assert continued, "no trial was continued from a pause"
 

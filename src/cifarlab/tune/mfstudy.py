@@ -5,7 +5,8 @@ How it maps onto Optuna's model, so that storage, workers and the dashboard keep
 * **A trial is one configuration**, trained at the target budget itself (the whole training
   split, the target's epochs, the same config as the target check of :mod:`.target`) in *moves*
   that stop at rungs, fractions of the target (1/9, 1/3, 1). A move continues from the trial's
-  checkpoint (:mod:`cifarlab.checkpoint`) in ``<study folder>/checkpoints/<params digest>/``;
+  checkpoint (:mod:`cifarlab.checkpoint`) in ``<study folder>/checkpoints/<params digest>/``,
+  removed when the trial finishes;
   the schedule is the target's, so a trial continued rung by rung ends with the weights of one
   that ran straight through.
 * **Between moves a trial is paused**: Optuna state WAITING, its curve so far in its
@@ -33,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -62,7 +64,7 @@ from cifarlab.tune.storage import study_space
 from cifarlab.tune.target import CANDIDATE, candidates, study_base, target_config
 
 __all__ = ["FT_ATTR", "RUNGS", "FreezeThawObjective", "FreezeThawRunner", "distributions",
-           "record_candidates"]
+           "params_key", "record_candidates"]
 
 FT_ATTR = "ft"
 RUNGS = (1 / 9, 1 / 3, 1.0)
@@ -218,6 +220,8 @@ class FreezeThawRunner:
         trial.set_user_attr(FT_ATTR, ft)
         if to_budget >= 1.0 - 1e-9:
             self.study.tell(trial, value)
+            # finished: nothing will continue it (train --from-study retrains the answer)
+            shutil.rmtree(self.objective.folder / params_key(trial.params), ignore_errors=True)
         else:
             storage.set_trial_state_values(trial_id, TrialState.WAITING)
 
