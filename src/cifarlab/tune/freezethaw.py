@@ -9,7 +9,10 @@ the target. Each decision is one of two moves:
 
 Both are scored the same way: the expected improvement, *at the target budget*, of the
 configuration's loss over the incumbent (the best posterior mean at the target among the
-configurations tried), divided by the seconds the move costs. The learning-curve GP
+configurations tried), divided by the seconds still needed to take the configuration to the
+target (a new one: all of them; a paused one: from its budget on; charging only the next move
+made starting always look cheaper, and the rule then finished no configuration). The
+learning-curve GP
 (:mod:`.curves`) supplies the prediction at the target from whatever part of a curve was seen,
 and the seconds are learned from the moves made so far (:class:`CostModel`). A configuration that
 looks good after a short run is continued when its chance to win at the target is worth the
@@ -42,7 +45,6 @@ class Curve:
     budgets: list[float] = field(default_factory=list)  # fractions of the target, rising
     values: list[float] = field(default_factory=list)  # the loss at each
     state: str = PAUSED  # PAUSED (can be continued), RUNNING (by another worker), DONE
-    seconds: float = 0.0  # training seconds spent on it so far
     reached: float | None = None  # the rung it was trained to, when not its last budget
 
     @property
@@ -130,7 +132,7 @@ class FreezeThaw:
         x = np.array([p[0] for p in pts])
         b = np.array([p[1] for p in pts])
         y = np.array([p[2] for p in pts])
-        # a diverged point counts as the worst loss seen at its budget or above
+        # a diverged point counts as the worst finite loss seen
         if not np.all(np.isfinite(y)) and np.any(np.isfinite(y)):
             y = np.where(np.isfinite(y), y, np.nanmax(np.where(np.isfinite(y), y, np.nan)))
         self.model = fit_curves(x, b, y, self.rungs[0], self.is_categorical, warm=self.model)
@@ -168,7 +170,8 @@ class FreezeThaw:
 
     def _local(self, center: np.ndarray, n: int) -> np.ndarray:
         """``n`` perturbations of ``center`` (Gaussian steps of 2-15% of the range on a random
-        subset of the dimensions), snapped by the space's sampler where it has steps."""
+        subset of the dimensions; categorical ones kept). Integer and stepped values are rounded
+        when the chosen point is turned into parameters."""
         d = len(center)
         pick = self.rng.random_sample((n, d)) < max(1.0 / d, 0.3)
         step = self.rng.standard_normal((n, d)) * self.rng.choice([0.02, 0.05, 0.15], (n, 1))

@@ -148,7 +148,6 @@ class FreezeThawRunner:
             ft = t.user_attrs.get(FT_ATTR, {})
             x = self.gp_space.get_normalized_params([t], [{k: t.params[k] for k in self.dists}])[0]
             c = Curve(x=x, budgets=list(ft.get("budgets", [])), values=list(ft.get("values", [])),
-                      seconds=float(sum(m[1] for m in ft.get("moves", []))),
                       reached=float(ft.get("budget", 0.0)))
             moves += [(float(m[0]), float(m[1])) for m in ft.get("moves", [])]
             if t.state == TrialState.WAITING and c.budget < 1.0 - 1e-9 and (
