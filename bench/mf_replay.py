@@ -8,14 +8,18 @@ the target budget for the least training?
 A *problem* gives the loss of a configuration after a budget ``b`` (a fraction of the target
 budget): here the standard multi-fidelity test functions of the BO literature, BoTorch's
 AugmentedBranin and AugmentedHartmann (Wu et al. 2019; fidelity ``s = b``; the target ``b = 1``
-is the plain function). Training is replayed: a trial reports its loss at each rung
-(``b`` = 1/9, 1/3, 1), and what it costs is the budget it consumed (a continued trial pays only for
-the rungs it adds). Every method gets the same total budget, counted in target-budget units.
+is the plain function), and ``cifar-curves``: real CIFAR-10 learning curves of airnet
+configurations from the demo's search space, recorded by ``bench/record_curves.py`` into
+``bench/data/cifar-curves-cpu.json`` (:class:`TabularProblem`). Training is replayed: a
+trial reports its loss at each rung (``b`` = 1/9, 1/3, 1), and what it costs is the budget it
+consumed (a continued trial pays only for the rungs it adds). Every method gets the same total budget, counted in target-budget units.
 
 Methods:
 
 * ``cifarlab-mf``: :class:`cifarlab.tune.freezethaw.FreezeThaw` (learning-curve GP, expected
   improvement at the target per unit of cost; start or continue);
+* ``cifarlab-mf-decay``: the same rule on the product kernel with freeze-thaw's budget kernel
+  (:func:`cifarlab.tune.curves.fit_decay_curves`), to choose the kernel by measurement;
 * ``cifarlab-gp``: cifarlab's GP sampler, every trial at the target budget;
 * ``tpe-hyperband`` (BOHB-like), ``random-asha``, ``random-hyperband``: Optuna's samplers with
   its pruners, reporting at every rung.
@@ -45,7 +49,8 @@ from bo_functions import _H6_A, _H6_P, _H_ALPHA
 
 RUNGS = (1 / 9, 1 / 3, 1.0)
 STEPS = 9  # the pruners' resource units: rungs at 1, 3, 9
-METHODS = ("cifarlab-mf", "cifarlab-gp", "tpe-hyperband", "random-asha", "random-hyperband")
+METHODS = ("cifarlab-mf", "cifarlab-mf-decay", "cifarlab-gp", "tpe-hyperband", "random-asha",
+           "random-hyperband")
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,54 @@ PROBLEMS = {
 }
 
 
+CURVES = Path(__file__).resolve().parent / "data/cifar-curves-cpu.json"
+
+
+class TabularProblem:
+    """Recorded learning curves (``bench/record_curves.py``) as a problem: the loss of a
+    configuration after budget ``b`` is that of the nearest recorded configuration, in the
+    space's normalized coordinates, at the nearest recorded ninth of the budget (a 1-nearest-
+    neighbour surrogate, as Syne Tune's blackbox repository uses for LCBench). A diverged run
+    counts as the worst finite loss recorded at that budget."""
+
+    def __init__(self, path: Path, budget: float = 30.0) -> None:
+        from optuna._gp.search_space import SearchSpace as GPSpace
+
+        from cifarlab.tune.mfstudy import distributions
+        from cifarlab.tune.space import SearchSpace
+
+        table = json.loads(path.read_text())
+        space = SearchSpace.from_dict(table["space"])
+        gp = GPSpace(distributions(space))
+        params = [c["params"] for c in table["configs"]]
+        self.x = gp.get_normalized_params([None] * len(params), params)  # type: ignore[list-item]
+        loss = np.array([[math.nan if v is None else v for v in c["val_loss"]]
+                         for c in table["configs"]], dtype=float)
+        worst = np.nanmax(loss, axis=0)
+        self.loss = np.where(np.isnan(loss), worst, loss)
+        self.name, self.dims, self.budget = "cifar-curves", self.x.shape[1], budget
+        self.fmin = float(self.loss[:, -1].min())
+        self.points = self.loss.shape[1]
+        self.target = table["target"]
+
+    def value(self, u: np.ndarray, b: float) -> float:
+        i = int(np.argmin(np.sum((self.x - np.asarray(u, dtype=float)) ** 2, axis=1)))
+        k = min(self.points, max(1, round(b * self.points))) - 1
+        return float(self.loss[i, k])
+
+
+def get_problem(name: str) -> MFProblem | TabularProblem:
+    if name == "cifar-curves":
+        if not CURVES.exists():
+            raise SystemExit(f"{CURVES} does not exist: record it with bench/record_curves.py")
+        return TabularProblem(CURVES)
+    return PROBLEMS[name]
+
+
 class Replay:
     """Bookkeeping shared by all methods: the compute spent and the answer's regret."""
 
-    def __init__(self, problem: MFProblem) -> None:
+    def __init__(self, problem: MFProblem | TabularProblem) -> None:
         self.p = problem
         self.spent = 0.0
         self.best = math.inf  # best loss of a configuration that reached the target
@@ -106,12 +155,13 @@ class Replay:
         return self.spent >= self.p.budget - 1e-9
 
 
-def run_freezethaw(problem: MFProblem, seed: int) -> Replay:
+def run_freezethaw(problem: MFProblem | TabularProblem, seed: int, kernel: str = "joint"
+                   ) -> Replay:
     from cifarlab.tune.freezethaw import DONE, PAUSED, CostModel, Curve, FreezeThaw
 
     r = Replay(problem)
     policy = FreezeThaw(RUNGS, lambda rng, n: rng.random_sample((n, problem.dims)),
-                        n_startup=max(5, problem.dims + 2), seed=seed)
+                        n_startup=max(5, problem.dims + 2), seed=seed, kernel=kernel)
     curves: list[Curve] = []
     cost = CostModel(rate=1.0)  # the replay's seconds are budget units: no overhead to learn
     while not r.out:
@@ -128,7 +178,7 @@ def run_freezethaw(problem: MFProblem, seed: int) -> Replay:
     return r
 
 
-def run_optuna(problem: MFProblem, method: str, seed: int) -> Replay:
+def run_optuna(problem: MFProblem | TabularProblem, method: str, seed: int) -> Replay:
     import optuna
 
     from cifarlab.tune.samplers import make_pruner, make_sampler
@@ -169,8 +219,11 @@ def run_one(args: tuple[str, str, int]) -> tuple[str, dict[str, Any]]:
     torch.set_num_threads(1)
     pname, method, seed = args
     t0 = time.perf_counter()
-    p = PROBLEMS[pname]
-    r = run_freezethaw(p, seed) if method == "cifarlab-mf" else run_optuna(p, method, seed)
+    p = get_problem(pname)
+    if method.startswith("cifarlab-mf"):
+        r = run_freezethaw(p, seed, "decay" if method.endswith("-decay") else "joint")
+    else:
+        r = run_optuna(p, method, seed)
     return f"{pname}/{method}/{seed}", {"trace": r.trace, "spent": r.spent,
                                         "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -191,7 +244,7 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
         "",
     ]
     for pname in problems:
-        p = PROBLEMS[pname]
+        p = get_problem(pname)
         grid = np.linspace(0, p.budget, 201)
         med: dict[str, np.ndarray] = {}
         secs: dict[str, float] = {}
@@ -203,7 +256,7 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
             secs[m] = float(np.median([x["seconds"] for x in runs]))
         if not med:
             continue
-        peers = [m for m in med if m != "cifarlab-mf"]
+        peers = [m for m in med if not m.startswith("cifarlab-mf")]
         best_peer = min(peers, key=lambda m: med[m][-1]) if peers else None
         lines += [f"**{pname}** (budget {p.budget:g})", "",
                   "| method | regret at half | regret at end | reaches best peer's final at | "
@@ -258,13 +311,18 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS),
+                    choices=[*PROBLEMS, "cifar-curves"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--results", type=Path, default=Path("bench-out/mf-replay.json"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--curves", type=Path, default=CURVES,
+                    help="the recorded curves of the cifar-curves problem")
     a = ap.parse_args()
+    global CURVES
+    CURVES = a.curves  # (the worker processes are forked: they see it too)
     results = json.loads(a.results.read_text()) if a.results.exists() else {}
     todo = [(p, m, s) for p in a.problems for m in a.methods for s in range(a.seeds)
             if f"{p}/{m}/{s}" not in results]

@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("bench-out/tune-cifar"))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="run only these (the peers' rows do not depend on cifarlab's code, so "
-                        "they can be measured ahead of it; the baseline needs cifarlab's row)")
+                        "they can be measured ahead of it; the baseline needs a cifarlab row, either sampler)")
     a = p.parse_args()
 
     from cifarlab.config import DataConfig
@@ -88,13 +88,17 @@ def main() -> None:
             key = f"{method}/{seed}"
             if key in results or method not in a.methods:
                 continue
-            if method == "baseline" and f"cifarlab/{seed}" not in results:
-                print(f"baseline/{seed}: skipped, it needs cifarlab/{seed} first", flush=True)
+            # the baseline's validation loss was measured inside a cifarlab study
+            measured = [results[k] for k in (f"cifarlab/{seed}", f"cifarlab-ft/{seed}")
+                        if k in results]
+            if method == "baseline" and not measured:
+                print(f"baseline/{seed}: skipped, it needs cifarlab/{seed} or "
+                      f"cifarlab-ft/{seed} first", flush=True)
                 continue
             row: dict = {"method": method, "seed": seed, "machine": machine()}
             t0 = time.perf_counter()
             if method == "baseline":
-                cif = results[f"cifarlab/{seed}"]
+                cif = measured[0]
                 cfg = retrain_config(Path(cif["study_dir"]), baseline=True).config
                 row["val_loss_target"] = cif["baseline_val_loss"]
             else:

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from cifarlab.tune.curves import budget_coordinate, fit_curves
+from cifarlab.tune import load_space
+from cifarlab.tune.curves import budget_coordinate, fit_curves, fit_decay_curves
 from cifarlab.tune.freezethaw import DONE, PAUSED, CostModel, Curve, FreezeThaw, log_ei
+from cifarlab.tune.mfstudy import distributions, snap_to_grid
 
 RUNGS = (1 / 9, 1 / 3, 1.0)
 
@@ -34,13 +36,17 @@ def test_budget_coordinate_runs_from_the_smallest_budget_to_the_target() -> None
     assert np.allclose(s, [0.0, 0.5, 1.0, 0.0])  # log-spaced; below the smallest is clipped
 
 
-def test_curve_model_predicts_the_target_from_short_runs_better_than_their_last_loss() -> None:
+FITTERS = pytest.mark.parametrize("fit", [fit_curves, fit_decay_curves], ids=["joint", "decay"])
+
+
+@FITTERS
+def test_curve_model_predicts_the_target_from_short_runs_better_than_their_last_loss(fit) -> None:
     rng = np.random.RandomState(0)
     full = rng.random_sample((12, 2))  # configurations seen to the target
     short = rng.random_sample((10, 2))  # seen only at the first rung
     x1, b1, y1 = observe(full, RUNGS)
     x2, b2, y2 = observe(short, RUNGS[:1])
-    model = fit_curves(np.vstack([x1, x2]), np.r_[b1, b2], np.r_[y1, y2], RUNGS[0])
+    model = fit(np.vstack([x1, x2]), np.r_[b1, b2], np.r_[y1, y2], RUNGS[0])
     assert model is not None
     mean, sd = model.predict(short, 1.0)
     true_target = np.array([truth(x, 1.0) for x in short])
@@ -54,7 +60,8 @@ def test_curve_model_predicts_the_target_from_short_runs_better_than_their_last_
     assert np.allclose(seen, [truth(x, 1.0) for x in full], atol=0.02)
 
 
-def test_curve_model_ranks_short_runs_by_their_target_not_their_start() -> None:
+@FITTERS
+def test_curve_model_ranks_short_runs_by_their_target_not_their_start(fit) -> None:
     from scipy.stats import spearmanr
 
     rng = np.random.RandomState(1)
@@ -62,7 +69,7 @@ def test_curve_model_ranks_short_runs_by_their_target_not_their_start() -> None:
     short = rng.random_sample((20, 2))
     x1, b1, y1 = observe(full, RUNGS)
     x2, b2, y2 = observe(short, RUNGS[:2])
-    model = fit_curves(np.vstack([x1, x2]), np.r_[b1, b2], np.r_[y1, y2], RUNGS[0])
+    model = fit(np.vstack([x1, x2]), np.r_[b1, b2], np.r_[y1, y2], RUNGS[0])
     assert model is not None
     mean, _ = model.predict(short, 1.0)
     true_target = [truth(x, 1.0) for x in short]
@@ -71,10 +78,11 @@ def test_curve_model_ranks_short_runs_by_their_target_not_their_start() -> None:
     assert spearmanr(mean, true_target).statistic > 0.9
 
 
-def test_fit_curves_drops_non_finite_losses_and_needs_three_points() -> None:
+@FITTERS
+def test_fit_curves_drops_non_finite_losses_and_needs_three_points(fit) -> None:
     x = np.array([[0.1, 0.2], [0.5, 0.5], [0.9, 0.1]])
-    assert fit_curves(x, np.ones(3), np.array([1.0, math.nan, 2.0]), 1 / 9) is None
-    assert fit_curves(x, np.ones(3), np.array([1.0, 1.5, 2.0]), 1 / 9) is not None
+    assert fit(x, np.ones(3), np.array([1.0, math.nan, 2.0]), 1 / 9) is None
+    assert fit(x, np.ones(3), np.array([1.0, 1.5, 2.0]), 1 / 9) is not None
 
 
 def test_log_ei_is_the_closed_form_expected_improvement() -> None:
@@ -130,7 +138,48 @@ def test_a_running_or_finished_curve_is_never_continued() -> None:
     assert d.index is None
 
 
-def test_rungs_are_checked() -> None:
+def test_the_policy_with_the_decay_kernel_decides_from_its_model() -> None:
+    rng = np.random.RandomState(3)
+    curves = [Curve(x=x, budgets=list(RUNGS), values=[truth(x, b) for b in RUNGS], state=DONE)
+              for x in rng.random_sample((14, 2))]
+    policy = FreezeThaw(RUNGS, lambda r, n: r.random_sample((n, 2)), n_startup=4, seed=0,
+                        kernel="decay")
+    d = policy.decide(curves, CostModel(rate=1.0))
+    assert d.index is None and np.isfinite(d.log_score)  # a new configuration, by the model
+    assert np.linalg.norm(d.x - np.array([0.3, 0.6])) < 0.15  # near the optimum at the target
+
+
+def test_rungs_and_kernel_are_checked() -> None:
     with pytest.raises(ValueError, match="rungs"):
         FreezeThaw((0.5, 0.2), lambda rng, n: rng.random_sample((n, 2)))
+    with pytest.raises(ValueError, match="kernel"):
+        FreezeThaw((0.5, 1.0), lambda rng, n: rng.random_sample((n, 2)), kernel="rbf")
     assert FreezeThaw((0.25, 0.5), lambda rng, n: rng.random_sample((n, 2))).rungs[-1] == 1.0
+
+
+def test_every_candidate_is_snapped_onto_the_spaces_steps() -> None:
+    from pathlib import Path
+
+    from optuna._gp.search_space import SearchSpace as GPSpace
+
+    space = load_space(Path(__file__).resolve().parent.parent / "examples/demo-space.yaml")
+    dists = distributions(space)  # cutout: int, step 4
+    gp_space = GPSpace(dists)
+    snap = snap_to_grid(gp_space)
+
+    def contained(u: np.ndarray) -> bool:
+        params = gp_space.get_unnormalized_param(u)
+        return all(dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in params.items())
+
+    policy = FreezeThaw(RUNGS, lambda r, n: gp_space.sample_normalized_params(n, r), seed=0,
+                        is_categorical=gp_space.is_categorical, snap=snap)
+    local = policy._local(gp_space.sample_normalized_params(1, np.random.RandomState(0))[0], 512)
+    assert not all(contained(u) for u in local)  # cutout 0 nudged becomes 1 or 2: Optuna
+    assert all(contained(u) for u in snap(local))  # refuses such a trial; snapped, it is 0 or 4
+    seen: list[int] = []
+    policy.snap = lambda x: (seen.append(len(x)), snap(x))[1]
+    rng = np.random.RandomState(2)
+    curves = [Curve(x=x, budgets=[RUNGS[0]], values=[float(np.sum((x - 0.4) ** 2))], state=DONE)
+              for x in gp_space.sample_normalized_params(12, rng)]
+    d = policy.decide(curves, CostModel())
+    assert seen == [policy.n_candidates + policy.n_candidates // 4] and contained(d.x)

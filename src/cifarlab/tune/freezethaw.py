@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from optuna._gp.acqf import standard_logei
 
-from cifarlab.tune.curves import CurveModel, fit_curves
+from cifarlab.tune.curves import CurveModel, DecayCurveModel, fit_curves, fit_decay_curves
 
 __all__ = ["CostModel", "Curve", "Decision", "FreezeThaw", "log_ei"]
 
@@ -104,12 +104,16 @@ class FreezeThaw:
     """The decision rule. ``rungs``: the budgets (fractions of the target) where a move may
     stop, rising to 1. ``n_startup``: configurations started at random before the model leads.
     ``sample``: ``(rng, n) -> n`` normalized random configurations (the space's own sampler, which
-    knows its integer and categorical steps)."""
+    knows its integer and categorical steps). ``snap``: rows of normalized points -> the nearest
+    points the space holds (its integer and stepped values), applied to every candidate.
+    ``kernel``: the learning-curve GP's, ``"joint"`` (:func:`.curves.fit_curves`) or ``"decay"``
+    (:func:`.curves.fit_decay_curves`)."""
 
     def __init__(self, rungs: tuple[float, ...], sample: Callable[[np.random.RandomState, int],
                                                                    np.ndarray],
                  n_startup: int = 10, n_candidates: int = 1024, seed: int | None = None,
-                 is_categorical: np.ndarray | None = None) -> None:
+                 is_categorical: np.ndarray | None = None, kernel: str = "joint",
+                 snap: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if not rungs or any(b <= 0 or b > 1 for b in rungs) or list(rungs) != sorted(set(rungs)):
             raise ValueError(f"rungs must rise within (0, 1], got {rungs}")
         self.rungs = tuple(float(b) for b in rungs)
@@ -120,12 +124,16 @@ class FreezeThaw:
         self.n_candidates = n_candidates
         self.rng = np.random.RandomState(seed)
         self.is_categorical = is_categorical
-        self.model: CurveModel | None = None
+        if kernel not in ("joint", "decay"):
+            raise ValueError(f"kernel must be 'joint' or 'decay', got {kernel!r}")
+        self.kernel = kernel
+        self.snap = snap
+        self.model: CurveModel | DecayCurveModel | None = None
 
     def next_rung(self, budget: float) -> float:
         return next(b for b in self.rungs if b > budget + 1e-9)
 
-    def fit(self, curves: list[Curve]) -> CurveModel | None:
+    def fit(self, curves: list[Curve]) -> CurveModel | DecayCurveModel | None:
         pts = [(c.x, b, v) for c in curves for b, v in zip(c.budgets, c.values, strict=True)]
         if len(pts) < 3:
             return None
@@ -135,7 +143,12 @@ class FreezeThaw:
         # a diverged point counts as the worst finite loss seen
         if not np.all(np.isfinite(y)) and np.any(np.isfinite(y)):
             y = np.where(np.isfinite(y), y, np.nanmax(np.where(np.isfinite(y), y, np.nan)))
-        self.model = fit_curves(x, b, y, self.rungs[0], self.is_categorical, warm=self.model)
+        if self.kernel == "decay":
+            warm_d = self.model if isinstance(self.model, DecayCurveModel) else None
+            self.model = fit_decay_curves(x, b, y, self.rungs[0], self.is_categorical, warm_d)
+        else:
+            warm_j = self.model if isinstance(self.model, CurveModel) else None
+            self.model = fit_curves(x, b, y, self.rungs[0], self.is_categorical, warm=warm_j)
         return self.model
 
     def decide(self, curves: list[Curve], cost: CostModel) -> Decision:
@@ -152,6 +165,8 @@ class FreezeThaw:
         incumbent = tried[int(np.argmin(mean_t))]
         new = np.vstack([self.sample(self.rng, self.n_candidates),
                          self._local(incumbent, self.n_candidates // 4)])
+        if self.snap is not None:
+            new = self.snap(new)  # scored where they would really train
         m, sd = model.predict(new, 1.0)
         new_score = log_ei(m, sd, best) - math.log(max(cost.seconds(0.0, 1.0), 1e-12))
         i_new = int(np.argmax(new_score))
@@ -170,8 +185,8 @@ class FreezeThaw:
 
     def _local(self, center: np.ndarray, n: int) -> np.ndarray:
         """``n`` perturbations of ``center`` (Gaussian steps of 2-15% of the range on a random
-        subset of the dimensions; categorical ones kept). Integer and stepped values are rounded
-        when the chosen point is turned into parameters."""
+        subset of the dimensions; categorical ones kept). They may fall between a stepped
+        parameter's values: ``snap`` puts them back on the grid."""
         d = len(center)
         pick = self.rng.random_sample((n, d)) < max(1.0 / d, 0.3)
         step = self.rng.standard_normal((n, d)) * self.rng.choice([0.02, 0.05, 0.15], (n, 1))

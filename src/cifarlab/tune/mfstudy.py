@@ -37,11 +37,14 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna._gp.search_space import SearchSpace as GPSpace
+from optuna._gp.search_space import _round_one_normalized_param, _ScaleType
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -64,7 +67,7 @@ from cifarlab.tune.storage import study_space
 from cifarlab.tune.target import CANDIDATE, candidates, study_base, target_config
 
 __all__ = ["FT_ATTR", "RUNGS", "FreezeThawObjective", "FreezeThawRunner", "distributions",
-           "params_key", "record_candidates"]
+           "params_key", "record_candidates", "snap_to_grid"]
 
 FT_ATTR = "ft"
 RUNGS = (1 / 9, 1 / 3, 1.0)
@@ -88,6 +91,25 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
         else:
             out[p.name] = CategoricalDistribution(list(p.choices))
     return out
+
+
+def snap_to_grid(gp_space: GPSpace) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows of normalized points -> the nearest points of the space: integer and stepped
+    parameters on their values (``lr`` with ``step: 0.01``, ``cutout`` with ``step: 4``), as
+    Optuna's own samplers draw them. Without it a point between two values becomes a parameter
+    the trial's distribution does not contain, and Optuna refuses the trial."""
+    types, bounds, steps = gp_space._scale_types, gp_space._bounds, gp_space._steps
+
+    def snap(x: np.ndarray) -> np.ndarray:
+        out = np.array(x, dtype=float, copy=True)
+        for i, (kind, step) in enumerate(zip(types, steps, strict=True)):
+            scale = _ScaleType(int(kind))
+            if scale != _ScaleType.CATEGORICAL and step != 0.0:
+                out[..., i] = _round_one_normalized_param(
+                    out[..., i], scale, (bounds[i, 0], bounds[i, 1]), float(step))
+        return out
+
+    return snap
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -137,7 +159,8 @@ class FreezeThawRunner:
         self.worker, self.own_only = worker, own_trials_only
         self.policy = FreezeThaw(
             RUNGS, lambda rng, n: self.gp_space.sample_normalized_params(n, rng),
-            n_startup=n_startup, seed=seed, is_categorical=self.gp_space.is_categorical)
+            n_startup=n_startup, seed=seed, is_categorical=self.gp_space.is_categorical,
+            snap=snap_to_grid(self.gp_space))
 
     # ------------------------------------------------------------------ the study's state
     def curves(self) -> tuple[list[Curve], list[FrozenTrial], CostModel]:
