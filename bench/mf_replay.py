@@ -258,7 +258,11 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
             continue
         peers = [m for m in med if not m.startswith("cifarlab-mf")]
         best_peer = min(peers, key=lambda m: med[m][-1]) if peers else None
-        lines += [f"**{pname}** (budget {p.budget:g})", "",
+        what = (f"; {len(p.x)} recorded configurations, each trained to airnet width "
+                f"{p.target['width']:g}, {p.target['epochs']:g} epochs on "
+                f"{p.target['train_fraction']:g} of the training split, validation on "
+                f"{p.target['val_size']} images" if isinstance(p, TabularProblem) else "")
+        lines += [f"**{pname}** (budget {p.budget:g}{what})", "",
                   "| method | regret at half | regret at end | reaches best peer's final at | "
                   "s per run |", "|---|---:|---:|---:|---:|"]
         for m, curve in med.items():
@@ -306,6 +310,7 @@ def timing(n_points: int = 200, repeats: int = 10) -> None:
 
 
 def main() -> None:
+    global CURVES
     if sys.argv[1:2] == ["timing"]:
         timing()
         return
@@ -318,11 +323,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("bench-out/mf-replay.json"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--curves", type=Path, default=CURVES,
-                    help="the recorded curves of the cifar-curves problem")
+    ap.add_argument("--curves", type=Path, default=None,
+                    help=f"the recorded curves of the cifar-curves problem [default: {CURVES}]")
     a = ap.parse_args()
-    global CURVES
-    CURVES = a.curves  # (the worker processes are forked: they see it too)
+    if a.curves is not None:
+        CURVES = a.curves  # (the worker processes are forked: they see it too)
     results = json.loads(a.results.read_text()) if a.results.exists() else {}
     todo = [(p, m, s) for p in a.problems for m in a.methods for s in range(a.seeds)
             if f"{p}/{m}/{s}" not in results]
