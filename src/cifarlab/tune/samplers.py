@@ -47,6 +47,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers._gp import sampler as _gp_sampler
 from optuna.trial import FrozenTrial, TrialState
 
+from cifarlab.tune.warping import InputWarp, fit_input_warp
+
 __all__ = [
     "PRUNERS",
     "SAMPLERS",
@@ -87,6 +89,7 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
 
     n_local_candidates = 1024
     local_scales = (0.005, 0.02, 0.05, 0.15)
+    input_warping = False  # Kumaraswamy warping of continuous inputs (cifarlab.tune.warping)
 
     def _optimize_acqf(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray:
         cont = acqf.search_space.continuous_indices
@@ -120,6 +123,15 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
             mean, _ = gprs[0].posterior(x)
         return x[int(torch.argmax(mean))].detach().cpu().numpy().astype(best_observed.dtype)
 
+    def _fit_input_warp(self, observed: list[FrozenTrial],
+                        search_space: dict[str, BaseDistribution]) -> InputWarp | None:
+        from optuna._gp.search_space import SearchSpace as GPSpace
+
+        x = GPSpace(search_space).get_normalized_params(observed)
+        y = np.array([t.value for t in observed], dtype=float)
+        y = (y - y.mean()) / max(float(y.std()), 1e-12)
+        return fit_input_warp(x, y, search_space, deterministic=self._deterministic)
+
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
@@ -136,10 +148,15 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
         if len(observed) < self._n_startup_trials:
             return {}
         observed = warp_observations(observed)
+        warp = self._fit_input_warp(observed, search_space) if self.input_warping else None
+        if warp is not None:
+            observed, running = warp.trials(observed), warp.trials(running)
         import torch
 
         with torch.device("cpu"):
             params = self._sample_relative_impl(study, observed, running, search_space)
+        if warp is not None and params:
+            params = warp.unwarp(params)
         if params:
             # Share the choice with other processes, as GPSampler does: a worker that sees
             # this trial RUNNING reads its point from here to treat it as pending.

@@ -1,0 +1,163 @@
+"""Input warping for the GP sampler: each continuous parameter passes through a Kumaraswamy CDF,
+``w(u) = 1 - (1 - u**a)**b`` on its normalized coordinate ``u`` in [0, 1], with ``a`` and ``b``
+fitted with the kernel by maximum marginal likelihood (Snoek et al. 2014; BoTorch's ``Warp``,
+and HEBO's GP, whose log-normal prior on ``a`` and ``b`` is used here).
+
+A stationary kernel assumes a loss changes as fast near one end of a range as near the other.
+Training losses do not: near a learning rate's divergence edge the loss changes in a few percent
+of the range, far from it hardly at all. A stationary GP fitted to that shortens every length
+scale, and its variance grows quickly away from the data, which is where the box's bounds are.
+The warp stretches the range where the loss moves and compresses the rest, so one length scale
+fits both.
+
+The warp is a bijection of [0, 1] onto itself per parameter, so the sampler runs unchanged in
+the warped coordinates: :meth:`InputWarp.trials` rewrites the trials' parameters into them, and
+:meth:`InputWarp.unwarp` maps the proposal back. Parameters with a step (integers, stepped
+floats) and categorical ones stay as they are: their grid is the space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna._gp import prior
+from optuna._gp.gp import Matern52Kernel
+from optuna._gp.search_space import SearchSpace as GPSpace
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial
+
+__all__ = ["InputWarp", "fit_input_warp", "kumaraswamy", "kumaraswamy_inverse"]
+
+EPS = 1e-6
+LOG_CONCENTRATION_VAR = 0.75  # the prior on log a and log b: N(0, 0.75), as BoTorch and HEBO
+
+
+def kumaraswamy(u: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The warp of normalized coordinates ``u`` (columns: one parameter each)."""
+    u = np.clip(u, 0.0, 1.0)
+    return np.clip(1 - (1 - u**a) ** b, 0.0, 1.0)
+
+
+def kumaraswamy_inverse(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    w = np.clip(w, 0.0, 1.0)
+    return np.clip((1 - (1 - w) ** (1 / b)) ** (1 / a), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class InputWarp:
+    """A fitted warp of ``space``'s parameters ``dims`` (indices into its normalized vector)."""
+
+    space: dict[str, BaseDistribution]
+    dims: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+
+    def _map(self, params: dict[str, Any], forward: bool) -> dict[str, Any]:
+        gp = GPSpace(self.space)
+        u = gp.get_normalized_params([None], [params])[0]  # type: ignore[list-item]
+        f = kumaraswamy if forward else kumaraswamy_inverse
+        u[self.dims] = f(u[self.dims], self.a, self.b)
+        out = dict(params)
+        new = gp.get_unnormalized_param(u)
+        for i, name in enumerate(self.space):
+            if i in self.dims:
+                d = self.space[name]
+                out[name] = float(min(max(new[name], d.low), d.high))  # type: ignore[attr-defined]
+        return out
+
+    def warp(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._map(params, forward=True)
+
+    def unwarp(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self._map(params, forward=False)
+
+    def trials(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        """The same trials (finished or running) with their parameters in warped coordinates."""
+        from optuna.samplers._gp.sampler import _get_params
+
+        out = []
+        for t in trials:
+            params = _get_params(t)
+            warped = self.warp({k: params[k] for k in self.space})
+            out.append(optuna.trial.create_trial(
+                state=t.state, values=t.values, params=warped, distributions=self.space))
+        return out
+
+
+def _kumaraswamy_torch(u: Any, a: Any, b: Any) -> Any:
+    """:func:`kumaraswamy` with gradients that stay finite at u = 0 and u = 1 (the bounds,
+    where a study's points often are)."""
+    import torch
+
+    ua = torch.where(u > 0, u.clamp_min(EPS) ** a, torch.zeros_like(u))
+    rest = 1 - ua
+    return 1 - torch.where(rest > 0, rest.clamp_min(EPS) ** b, torch.zeros_like(u))
+
+
+def fit_input_warp(x: np.ndarray, y: np.ndarray, space: dict[str, BaseDistribution],
+                   deterministic: bool = False) -> InputWarp | None:
+    """Fit ``a`` and ``b`` of every continuous parameter, jointly with the GP's kernel (Matérn
+    5/2 with ARD, Optuna's priors on its parameters), to normalized points ``x`` and
+    standardized values ``y`` (larger is better or worse: the fit does not care). None when
+    there is nothing to warp or the fit fails."""
+    import scipy.optimize
+    import torch
+
+    gp = GPSpace(space)
+    dims = np.array([i for i in gp.continuous_indices if not gp.is_categorical[i]], dtype=int)
+    if len(dims) == 0 or len(x) < 3:
+        return None
+    n, d, k = x.shape[0], x.shape[1], len(dims)
+    X = torch.from_numpy(np.clip(x, 0.0, 1.0))
+    Y = torch.from_numpy(np.asarray(y, dtype=float))
+    cat = torch.from_numpy(gp.is_categorical)
+    idx = torch.from_numpy(dims)
+    floor = prior.DEFAULT_MINIMUM_NOISE_VAR
+
+    class _Kernel:  # what Optuna's prior reads
+        inverse_squared_lengthscales: torch.Tensor
+        kernel_scale: torch.Tensor
+        noise_var: torch.Tensor
+
+    def loss(raw: np.ndarray) -> tuple[float, np.ndarray]:
+        r = torch.from_numpy(raw).requires_grad_(True)
+        kern = _Kernel()
+        kern.inverse_squared_lengthscales = torch.exp(r[:d])
+        kern.kernel_scale = torch.exp(r[d])
+        kern.noise_var = (torch.tensor(floor, dtype=torch.float64) if deterministic
+                          else torch.exp(r[d + 1]) + floor)
+        log_a, log_b = r[d + 2 : d + 2 + k], r[d + 2 + k :]
+        warped = _kumaraswamy_torch(X[:, idx], torch.exp(log_a), torch.exp(log_b))
+        Xw = X.clone()
+        Xw[:, idx] = warped
+        sqd = (Xw.unsqueeze(-2) - Xw.unsqueeze(-3)) ** 2
+        if cat.any():
+            sqd[..., cat] = (sqd[..., cat] > 0).double()
+        cov = Matern52Kernel.apply(sqd @ kern.inverse_squared_lengthscales) * kern.kernel_scale
+        cov = cov + kern.noise_var * torch.eye(n, dtype=torch.float64)
+        chol = torch.linalg.cholesky(cov)
+        alpha = torch.linalg.solve_triangular(chol, Y.unsqueeze(-1), upper=False).squeeze(-1)
+        mll = -chol.diagonal().log().sum() - 0.5 * (alpha @ alpha)
+        warp_prior = -(log_a.square().sum() + log_b.square().sum()) / (2 * LOG_CONCENTRATION_VAR)
+        total = -mll - prior.default_log_prior(kern) - warp_prior  # type: ignore[arg-type]
+        total.backward()
+        assert r.grad is not None
+        return float(total.item()), r.grad.numpy().copy()
+
+    start = np.concatenate([np.zeros(d), [0.0, math.log(1e-2)], np.zeros(2 * k)])
+    bounds = [(-10, 10)] * (d + 2) + [(-2.5, 2.5)] * (2 * k)  # a, b in [0.08, 12]
+    try:
+        with torch.enable_grad():
+            res = scipy.optimize.minimize(loss, start, jac=True, method="L-BFGS-B",
+                                          bounds=bounds, options={"gtol": 1e-2})
+    except (RuntimeError, ValueError):  # a Cholesky that failed: no warp this time
+        return None
+    if not np.all(np.isfinite(res.x)):
+        return None
+    a = np.exp(res.x[d + 2 : d + 2 + k])
+    b = np.exp(res.x[d + 2 + k :])
+    return InputWarp(dict(space), dims, a, b)
