@@ -38,7 +38,7 @@ from cifarlab.files import atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / "bench-out" / "peers-venv"
 OPTUNA_SAMPLERS = ("cifarlab-gp", "optuna-gp", "optuna-tpe", "random")
-CANDIDATES = ("cifarlab-gp-warp",)  # cifarlab variants measured before they ship
+CANDIDATES = ("cifarlab-gp-warp", "cifarlab-gp-reflect")  # cifarlab variants measured before they ship
 PEERS = ("hebo", "skopt")
 
 
@@ -50,6 +50,7 @@ def make(name: str, seed: int, n_trials: int):
     if name.startswith("cifarlab-gp"):
         sampler = make_sampler("gp", seed, default_startup(n_trials))
         sampler.input_warping = name == "cifarlab-gp-warp"  # type: ignore[attr-defined]
+        sampler.reflect = name == "cifarlab-gp-reflect"  # type: ignore[attr-defined]
         return sampler
     if name == "optuna-gp":
         return optuna.samplers.GPSampler(seed=seed)
@@ -136,7 +137,8 @@ def suite(a: argparse.Namespace) -> None:
     tasks = [(p, s, seed) for p in problems for s in samplers for seed in range(a.seeds)
              if f"{p}/{s}/{seed}" not in results]
     # slowest first so the pool does not end on one long run
-    cost = {"hebo": 0, "skopt": 1, "cifarlab-gp": 2, "cifarlab-gp-warp": 2, "optuna-gp": 2,
+    cost = {"hebo": 0, "skopt": 1, "cifarlab-gp": 2, "cifarlab-gp-warp": 2,
+            "cifarlab-gp-reflect": 2, "optuna-gp": 2,
             "optuna-tpe": 3}
     tasks.sort(key=lambda t: (cost.get(t[1], 4), -PROBLEMS[t[0]].budget))
     t0 = time.perf_counter()

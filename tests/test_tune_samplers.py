@@ -221,3 +221,21 @@ def test_local_candidates_centre_on_the_best_posterior_mean_not_a_lucky_draw():
     smooth = [(x, (x - 0.37) ** 2) for x in np.linspace(0.0, 1.0, 12)]
     centre, best = fitted(smooth)
     assert centre[0] == pytest.approx(best[0])
+
+
+def test_reflected_perturbations_never_land_on_a_face_they_crossed():
+    """Clipping puts every step that crosses a face of the box exactly on it; reflection
+    mirrors it back inside, so a candidate sits on a bound only where the centre already was
+    and that dimension did not move."""
+    from cifarlab.tune.samplers import perturb
+
+    center = np.array([0.02, 0.5, 0.98])
+    dims = np.array([0, 1, 2])
+    clipped = perturb(center, dims, 2000, (0.15,), np.random.RandomState(0))
+    reflected = perturb(center, dims, 2000, (0.15,), np.random.RandomState(0), reflect=True)
+    assert np.all((reflected >= 0) & (reflected <= 1))
+    assert ((clipped == 0) | (clipped == 1)).sum() > 300
+    assert ((reflected == 0) | (reflected == 1)).sum() == 0
+    # the same steps: where clipping left a point inside, reflection leaves it where it was
+    inside = (clipped > 0) & (clipped < 1)
+    assert np.allclose(reflected[inside], clipped[inside])

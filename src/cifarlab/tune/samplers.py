@@ -90,6 +90,7 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
     n_local_candidates = 1024
     local_scales = (0.005, 0.02, 0.05, 0.15)
     input_warping = False  # Kumaraswamy warping of continuous inputs (cifarlab.tune.warping)
+    reflect = False  # local candidates reflected at the box's faces instead of clipped onto them
 
     def _optimize_acqf(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray:
         cont = acqf.search_space.continuous_indices
@@ -99,7 +100,8 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
         center = self._incumbent(best_params[0])
         starts = best_params if np.array_equal(center, best_params[0]) else np.vstack(
             [best_params, center[None, :]])
-        cands = perturb(center, cont, self.n_local_candidates, self.local_scales, rng)
+        cands = perturb(center, cont, self.n_local_candidates, self.local_scales, rng,
+                        reflect=self.reflect)
         values = acqf.eval_acqf_no_grad(cands)
         room = max(0, self._n_local_search - 1 - len(starts))
         top = cands[np.argsort(values)[::-1][:min(3, room)]]
@@ -170,16 +172,21 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
 
 
 def perturb(center: np.ndarray, dims: np.ndarray, n: int, scales: tuple[float, ...],
-            rng: np.random.RandomState) -> np.ndarray:
+            rng: np.random.RandomState, reflect: bool = False) -> np.ndarray:
     """``n`` copies of the normalized point ``center``, each with a random non-empty subset of
     ``dims`` moved by Gaussian steps of one of ``scales`` (fractions of the range), clipped to
-    the unit box."""
+    the unit box, or with ``reflect`` mirrored back into it at the face they crossed (clipping
+    puts every step that crosses a face exactly on it)."""
     out = np.repeat(center[None, :], n, axis=0)
     k = len(dims)
     sizes = rng.randint(1, k + 1, size=n)
     chosen = rng.random_sample((n, k)).argsort(axis=1) < sizes[:, None]  # that many dims each
     step = rng.standard_normal((n, k)) * np.asarray(scales)[rng.randint(len(scales), size=n)][:, None]
-    out[:, dims] = np.clip(out[:, dims] + np.where(chosen, step, 0.0), 0.0, 1.0)
+    moved = out[:, dims] + np.where(chosen, step, 0.0)
+    if reflect:
+        moved = np.mod(moved, 2.0)
+        moved = np.where(moved > 1.0, 2.0 - moved, moved)
+    out[:, dims] = np.clip(moved, 0.0, 1.0)
     return out
 
 
