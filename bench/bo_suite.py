@@ -138,8 +138,7 @@ def suite(a: argparse.Namespace) -> None:
              if f"{p}/{s}/{seed}" not in results]
     # slowest first so the pool does not end on one long run
     cost = {"hebo": 0, "skopt": 1, "cifarlab-gp": 2, "cifarlab-gp-warp": 2,
-            "cifarlab-gp-reflect": 2, "optuna-gp": 2,
-            "optuna-tpe": 3}
+            "cifarlab-gp-reflect": 2, "optuna-gp": 2, "optuna-tpe": 3}
     tasks.sort(key=lambda t: (cost.get(t[1], 4), -PROBLEMS[t[0]].budget))
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs) as pool:

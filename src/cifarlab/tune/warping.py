@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna._gp import prior
-from optuna._gp.gp import Matern52Kernel
+from optuna._gp.gp import GPRegressor
 from optuna._gp.search_space import SearchSpace as GPSpace
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
@@ -56,8 +57,12 @@ class InputWarp:
     a: np.ndarray
     b: np.ndarray
 
+    @cached_property
+    def _gp_space(self) -> GPSpace:
+        return GPSpace(self.space)
+
     def _map(self, params: dict[str, Any], forward: bool) -> dict[str, Any]:
-        gp = GPSpace(self.space)
+        gp = self._gp_space
         u = gp.get_normalized_params([None], [params])[0]  # type: ignore[list-item]
         f = kumaraswamy if forward else kumaraswamy_inverse
         u[self.dims] = f(u[self.dims], self.a, self.b)
@@ -111,39 +116,26 @@ def fit_input_warp(x: np.ndarray, y: np.ndarray, space: dict[str, BaseDistributi
     dims = np.array([i for i in gp.continuous_indices if not gp.is_categorical[i]], dtype=int)
     if len(dims) == 0 or len(x) < 3:
         return None
-    n, d, k = x.shape[0], x.shape[1], len(dims)
+    d, k = x.shape[1], len(dims)
     X = torch.from_numpy(np.clip(x, 0.0, 1.0))
     Y = torch.from_numpy(np.asarray(y, dtype=float))
     cat = torch.from_numpy(gp.is_categorical)
     idx = torch.from_numpy(dims)
     floor = prior.DEFAULT_MINIMUM_NOISE_VAR
 
-    class _Kernel:  # what Optuna's prior reads
-        inverse_squared_lengthscales: torch.Tensor
-        kernel_scale: torch.Tensor
-        noise_var: torch.Tensor
-
     def loss(raw: np.ndarray) -> tuple[float, np.ndarray]:
         r = torch.from_numpy(raw).requires_grad_(True)
-        kern = _Kernel()
-        kern.inverse_squared_lengthscales = torch.exp(r[:d])
-        kern.kernel_scale = torch.exp(r[d])
-        kern.noise_var = (torch.tensor(floor, dtype=torch.float64) if deterministic
-                          else torch.exp(r[d + 1]) + floor)
         log_a, log_b = r[d + 2 : d + 2 + k], r[d + 2 + k :]
-        warped = _kumaraswamy_torch(X[:, idx], torch.exp(log_a), torch.exp(log_b))
         Xw = X.clone()
-        Xw[:, idx] = warped
-        sqd = (Xw.unsqueeze(-2) - Xw.unsqueeze(-3)) ** 2
-        if cat.any():
-            sqd[..., cat] = (sqd[..., cat] > 0).double()
-        cov = Matern52Kernel.apply(sqd @ kern.inverse_squared_lengthscales) * kern.kernel_scale
-        cov = cov + kern.noise_var * torch.eye(n, dtype=torch.float64)
-        chol = torch.linalg.cholesky(cov)
-        alpha = torch.linalg.solve_triangular(chol, Y.unsqueeze(-1), upper=False).squeeze(-1)
-        mll = -chol.diagonal().log().sum() - 0.5 * (alpha @ alpha)
+        Xw[:, idx] = _kumaraswamy_torch(X[:, idx], torch.exp(log_a), torch.exp(log_b))
+        # Optuna's own GP on the warped points: its marginal likelihood and priors
+        gpr = GPRegressor(
+            is_categorical=cat, X_train=Xw, y_train=Y,
+            inverse_squared_lengthscales=torch.exp(r[:d]), kernel_scale=torch.exp(r[d]),
+            noise_var=(torch.tensor(floor, dtype=torch.float64) if deterministic
+                       else torch.exp(r[d + 1]) + floor))
         warp_prior = -(log_a.square().sum() + log_b.square().sum()) / (2 * LOG_CONCENTRATION_VAR)
-        total = -mll - prior.default_log_prior(kern) - warp_prior  # type: ignore[arg-type]
+        total = -gpr.marginal_log_likelihood() - prior.default_log_prior(gpr) - warp_prior
         total.backward()
         assert r.grad is not None
         return float(total.item()), r.grad.numpy().copy()
