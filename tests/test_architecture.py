@@ -21,7 +21,7 @@ LAYERS = [
     {"tblog"},
     {"runs"},
     {"infer", "export"},
-    {"loader", "optim", "checkpoint"},
+    {"loader", "optim", "checkpoint", "graphstep"},
     {"trainer", "kerasfit"},
     {"doctor"},
     {"tune", "serve"},

@@ -96,6 +96,10 @@ class TrainConfig:
     # torch.compile the model (PyTorch models only): fewer, fused kernels per step, for a
     # compile of tens of seconds at the start of the run (and again for evaluation shapes)
     compile: bool = False
+    # capture the training step as a CUDA graph and replay it (CUDA only; a no-op elsewhere):
+    # one launch per step instead of hundreds, for small nets whose eager steps are bound by
+    # the CPU's dispatching (cifarlab.graphstep). PyTorch models, without compile.
+    cuda_graphs: bool = False
     tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1px translations
     seed: int = 0
     eval_every: int = 1  # evaluate on the validation split every N epochs

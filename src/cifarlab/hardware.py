@@ -50,9 +50,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+def autocast(device: torch.device, precision: str,
+             cache: bool = True) -> AbstractContextManager[Any]:
+    """bf16 autocast for ``precision == "bf16"``, else nothing; ``cache=False`` turns off the
+    cast-weight cache, as a CUDA graph capture needs."""
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              cache_enabled=cache)
     return nullcontext()
 
 

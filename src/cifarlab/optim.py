@@ -21,13 +21,17 @@ __all__ = ["QUINTIC", "Lookahead", "Muon", "build_optimizer", "orthogonalize", "
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig, total_steps: int
+    model: nn.Module, cfg: TrainConfig, total_steps: int, capturable: bool = False
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """Nesterov SGD in airbench's decoupled parametrization, and the triangular schedule.
 
     With a summed loss and Nesterov momentum m, plain SGD steps are about (1 + 1/(1-m)) times the
     gradient; dividing by that (per 1024 examples) makes ``lr`` independent of momentum, and
     setting PyTorch's weight_decay to wd/lr makes the decay independent of ``lr``.
+
+    ``capturable``: an optimizer whose step can be captured in a CUDA graph (a :class:`Muon`,
+    whose groups are plain SGD where the config says sgd, with SGD's arithmetic), reading its
+    learning rates from device tensors (:meth:`Muon.lr_from_tensors`).
     """
     o = cfg.optim
     kilostep = 1024 * (1 + 1 / (1 - o.momentum))
@@ -52,7 +56,11 @@ def build_optimizer(
     if norm_biases:
         lr_b = lr * o.bias_scaler
         groups.append(dict(params=norm_biases, lr=lr_b, weight_decay=wd / lr_b))
-    opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.momentum > 0)
+    opt: torch.optim.Optimizer
+    if capturable:  # torch.optim.SGD bakes a float lr into a captured graph
+        opt = Muon(groups, lr=lr, momentum=o.momentum, nesterov=o.momentum > 0, muon=False)
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.momentum > 0)
     return opt, triangle_schedule(opt, cfg, total_steps)
 
 
@@ -176,6 +184,19 @@ class Muon(torch.optim.Optimizer):
         # torch.compile'd Newton–Schulz (as airbench94_muon does): one fused kernel per
         # elementwise step instead of one per operation, for launch-bound GPU steps
         self._orthogonalize = torch.compile(orthogonalize) if compiled else orthogonalize
+        self._lr_tensors: list[torch.Tensor] | None = None
+
+    def lr_from_tensors(self, device: torch.device) -> None:
+        """Read each group's learning rate from a 0-dim tensor on ``device`` from now on, so
+        that a step captured in a CUDA graph follows the schedule: :meth:`load_lr` copies the
+        groups' current ``lr`` values into them before each replay."""
+        self._lr_tensors = [torch.tensor(float(g["lr"]), device=device)
+                            for g in self.param_groups]
+
+    def load_lr(self) -> None:
+        """Copy each group's ``lr`` (which the schedule sets) into its tensor."""
+        for t, group in zip(self._lr_tensors or [], self.param_groups, strict=True):
+            t.fill_(float(group["lr"]))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -183,8 +204,10 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for i, group in enumerate(self.param_groups):
+            m, wd = group["momentum"], group["weight_decay"]
+            lr: float | torch.Tensor = (group["lr"] if self._lr_tensors is None
+                                        else self._lr_tensors[i])
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
                 self._muon_steps(params, group, lr, m, wd)
@@ -210,18 +233,18 @@ class Muon(torch.optim.Optimizer):
         bufs = [st["momentum_buffer"] for st in states]
         return list(torch._foreach_add(d_p, bufs, alpha=m)) if nesterov else bufs
 
-    def _sgd_steps(self, params: list[torch.Tensor], group: dict[str, Any], lr: float,
-                   m: float, wd: float) -> None:
+    def _sgd_steps(self, params: list[torch.Tensor], group: dict[str, Any],
+                   lr: float | torch.Tensor, m: float, wd: float) -> None:
         """torch.optim.SGD's arithmetic on the whole group at once."""
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
         assert len(grads) == len(params)  # step() passes only parameters with one
         d_p = list(torch._foreach_add(grads, params, alpha=wd)) if wd else grads
-        torch._foreach_add_(params, self._momenta(params, d_p, m, group["nesterov"]), alpha=-lr)
+        _descend(params, self._momenta(params, d_p, m, group["nesterov"]), lr)
 
-    def _muon_steps(self, params: list[torch.Tensor], group: dict[str, Any], lr: float,
-                    m: float, wd: float) -> None:
+    def _muon_steps(self, params: list[torch.Tensor], group: dict[str, Any],
+                    lr: float | torch.Tensor, m: float, wd: float) -> None:
         if any(p.ndim < 2 for p in params):
             raise ValueError("Muon orthogonalizes matrices and filter banks; give 1-D "
                              "parameters (biases, norms) to a group with muon=False")
@@ -237,9 +260,20 @@ class Muon(torch.optim.Optimizer):
             stack = torch.stack([u.reshape(len(u), -1) for _, u in same]).float()
             ortho = self._orthogonalize(stack, group["ns_steps"], group["ns_coefficients"])
             ortho *= max(1.0, stack.shape[1] / stack.shape[2]) ** 0.5
-            for (p, _), o in zip(same, ortho.unbind(0), strict=True):
+            banks = [p for p, _ in same]
+            for p in banks:
                 if group["normalize"]:
                     p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
                 if wd:
                     p.mul_(1 - lr * wd)
-                p.add_(o.view_as(p).to(p.dtype), alpha=-lr)
+            _descend(banks, [o.view_as(p).to(p.dtype)
+                             for p, o in zip(banks, ortho.unbind(0), strict=True)], lr)
+
+
+def _descend(params: list[torch.Tensor], steps: list[torch.Tensor],
+             lr: float | torch.Tensor) -> None:
+    """params -= lr · steps, with ``lr`` a number or a 0-dim tensor (a captured step)."""
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_sub_(params, torch._foreach_mul(steps, lr))
+    else:
+        torch._foreach_add_(params, steps, alpha=-lr)

@@ -31,6 +31,7 @@ from cifarlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData, load_data
 from cifarlab.errors import ConfigError
+from cifarlab.graphstep import GraphedStep
 from cifarlab.hardware import (
     INFERENCE_PRECISION,
     autocast,
@@ -41,7 +42,7 @@ from cifarlab.hardware import (
 from cifarlab.infer import Normalizer, Scores, predict_logits, scores, to_device_images
 from cifarlab.kerasnet import KerasModule
 from cifarlab.loader import DeviceLoader
-from cifarlab.optim import Lookahead, build_optimizer
+from cifarlab.optim import Lookahead, Muon, build_optimizer
 
 __all__ = ["finish", "train", "training_step"]
 
@@ -62,6 +63,21 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def _step_function(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   loss_fn: Callable[..., torch.Tensor], device: torch.device,
+                   precision: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The trainer's step: :func:`training_step`, or its CUDA-graph replay."""
+    if config.cuda_graphs and device.type == "cuda":
+        assert isinstance(optimizer, Muon)  # build_optimizer(capturable=True) makes one
+        optimizer.lr_from_tensors(device)
+        return GraphedStep(model, optimizer, loss_fn, device, precision)
+
+    def eager(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return training_step(model, optimizer, loss_fn, x, y, device, precision)
+
+    return eager
 
 
 def train(
@@ -124,6 +140,10 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         # (a Keras model keeps its kernels as they are: it lays them out per call itself, and
         # its channels_last inputs reach it as N×H×W×C views)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if config.cuda_graphs and (config.compile or isinstance(model, KerasModule)):
+        raise ConfigError("cuda_graphs: true captures a PyTorch module's eager step; it "
+                          "does not combine with compile: true or a Keras model. Set one of "
+                          "them off.")
     if config.compile:
         if isinstance(model, KerasModule):
             raise ConfigError("compile: true compiles a PyTorch module; a Keras model runs "
@@ -135,8 +155,12 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     total_steps = max(1, math.ceil(steps_per_epoch * config.optim.epochs))
     pause_step = (pause_at_epoch * steps_per_epoch if pause_at_epoch is not None
                   else pause_at_step)
-    optimizer, scheduler = build_optimizer(model, config, total_steps)
+    # (built capturable whenever the config asks for graphs, on any device, so that a run
+    # paused on one device continues on another with the same optimizer state)
+    optimizer, scheduler = build_optimizer(model, config, total_steps,
+                                           capturable=config.cuda_graphs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, reduction="sum")
+    step_fn = _step_function(config, model, optimizer, loss_fn, device, precision)
     state = TrainState(config, model, optimizer, device, precision, total_steps, steps_per_epoch)
     for cb in callbacks:
         cb.on_train_start(state)
@@ -213,7 +237,7 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         done_in_epoch = 0  # > 0: paused inside the epoch after that many batches
         for i in range(first, steps_per_epoch):
             inputs, labels = loader.batch(order, i)
-            loss = training_step(model, optimizer, loss_fn, inputs, labels, device, precision)
+            loss = step_fn(inputs, labels)
             scheduler.step()
             state.step += 1
             loss_sum += loss.float()
@@ -279,9 +303,11 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
     if checkpoint is not None and not paused and not state.should_stop:
         save(n_epochs)  # finished: a second call returns this result without training again
 
+    extras = ({"cuda_graph_captures": step_fn.captures}
+              if isinstance(step_fn, GraphedStep) else None)
     return finish(state, data, evaluate, val_images, callbacks,
                   evaluate_test=evaluate_test and not paused,
-                  train_seconds=train_seconds, t_start=t_start)
+                  train_seconds=train_seconds, t_start=t_start, extras=extras)
 
 
 def finish(state: TrainState, data: SplitData,
