@@ -18,6 +18,7 @@ known minimum) and the mean seconds per suggestion. Every finished run is saved 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -38,19 +39,30 @@ from cifarlab.files import atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / "bench-out" / "peers-venv"
 OPTUNA_SAMPLERS = ("cifarlab-gp", "optuna-gp", "optuna-tpe", "random")
-CANDIDATES = ("cifarlab-gp-warp", "cifarlab-gp-reflect")  # cifarlab variants measured before they ship
+CANDIDATES = ("cifarlab-gp-warp", "cifarlab-gp-reflect",
+              "cifarlab-gp-ls2", "cifarlab-gp-ls3", "cifarlab-gp-ls5", "cifarlab-gp-ls8",
+              "cifarlab-gp-optuna-prior")  # cifarlab variants measured before they ship
 PEERS = ("hebo", "skopt")
 
 
 def make(name: str, seed: int, n_trials: int):
     import optuna
 
-    from cifarlab.tune.samplers import default_startup, make_sampler
+    from cifarlab.tune.samplers import default_startup, log_prior, make_sampler
 
     if name.startswith("cifarlab-gp"):
         sampler = make_sampler("gp", seed, default_startup(n_trials))
         sampler.input_warping = name == "cifarlab-gp-warp"  # type: ignore[attr-defined]
         sampler.reflect = name == "cifarlab-gp-reflect"  # type: ignore[attr-defined]
+        if name in ("cifarlab-gp-optuna-prior", "cifarlab-gp-warp", "cifarlab-gp-reflect"):
+            # Optuna's own length-scale prior: the sampler before 2026-11-27, on which the
+            # stored warp and reflect runs were measured
+            sampler._log_prior = functools.partial(  # type: ignore[attr-defined]
+                log_prior, modes=(1.0,))
+        elif name.startswith("cifarlab-gp-ls"):  # one short mode, 1/k of the range
+            k = float(name.removeprefix("cifarlab-gp-ls"))
+            sampler._log_prior = functools.partial(  # type: ignore[attr-defined]
+                log_prior, modes=(1 / k,))
         return sampler
     if name == "optuna-gp":
         return optuna.samplers.GPSampler(seed=seed)

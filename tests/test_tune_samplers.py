@@ -239,3 +239,43 @@ def test_reflected_perturbations_never_land_on_a_face_they_crossed():
     # the same steps: where clipping left a point inside, reflection leaves it where it was
     inside = (clipped > 0) & (clipped < 1)
     assert np.allclose(reflected[inside], clipped[inside])
+
+
+def _gpr(length_scale: float, kernel_scale: float = 1.0, noise: float = 0.01):
+    import torch
+    from optuna._gp.gp import GPRegressor
+
+    return GPRegressor(
+        X_train=torch.rand(5, 2, dtype=torch.float64),
+        y_train=torch.zeros(5, dtype=torch.float64),
+        is_categorical=torch.zeros(2, dtype=torch.bool),
+        inverse_squared_lengthscales=torch.full((2,), length_scale**-2.0, dtype=torch.float64),
+        kernel_scale=torch.tensor(kernel_scale, dtype=torch.float64),
+        noise_var=torch.tensor(noise, dtype=torch.float64))
+
+
+def test_length_scale_prior_has_a_long_and_a_short_mode():
+    """cifarlab's prior: each length scale's term is a mixture with one mode at the whole range
+    (Optuna's) and one at 1/8 of it; with the long mode alone it is Optuna's prior exactly."""
+    from optuna._gp.prior import default_log_prior
+
+    from cifarlab.tune.samplers import LENGTH_SCALE_MODES, log_prior
+
+    scales = np.geomspace(0.02, 3.0, 600)
+    values = np.array([float(log_prior(_gpr(s))) for s in scales])
+    peaks = scales[1:-1][(values[1:-1] > values[:-2]) & (values[1:-1] > values[2:])]
+    assert sorted(LENGTH_SCALE_MODES) == [0.125, 1.0]
+    # a peak near each mode (each one's tail moves the other a little), and one where the two
+    # terms meet: the density is broad from 1/8 of the range to all of it
+    assert [peaks.min(), peaks.max()] == pytest.approx([0.125, 1.0], rel=0.1)
+    inside = values[(scales >= 0.125) & (scales <= 1.0)]
+    assert inside.min() > values[0] + 1 and inside.min() > values[-1]
+    for s, k, n in [(0.3, 1.0, 0.01), (1.7, 2.5, 0.2), (0.05, 0.4, 1e-4)]:
+        g = _gpr(s, k, n)
+        assert float(log_prior(g, modes=(1.0,))) == float(default_log_prior(g))
+
+
+def test_the_gp_sampler_fits_with_cifarlabs_prior():
+    from cifarlab.tune.samplers import log_prior
+
+    assert make_sampler("gp", 0, 4)._log_prior is log_prior
