@@ -149,9 +149,12 @@ def suite(a: argparse.Namespace) -> None:
     tasks = [(p, s, seed) for p in problems for s in samplers for seed in range(a.seeds)
              if f"{p}/{s}/{seed}" not in results]
     # slowest first so the pool does not end on one long run
-    cost = {"hebo": 0, "skopt": 1, "cifarlab-gp": 2, "cifarlab-gp-warp": 2,
-            "cifarlab-gp-reflect": 2, "optuna-gp": 2, "optuna-tpe": 3}
-    tasks.sort(key=lambda t: (cost.get(t[1], 4), -PROBLEMS[t[0]].budget))
+    cost = {"hebo": 0, "skopt": 1, "optuna-gp": 2, "optuna-tpe": 3}
+
+    def rank(sampler: str) -> int:
+        return 2 if sampler.startswith("cifarlab-gp") else cost.get(sampler, 4)
+
+    tasks.sort(key=lambda t: (rank(t[1]), -PROBLEMS[t[0]].budget))
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs) as pool:
         for pname, sname, seed, r in pool.map(run_one, tasks):

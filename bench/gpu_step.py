@@ -24,13 +24,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cifarlab.data import Dataset
-from cifarlab.graphstep import GraphedStep
 from cifarlab.hardware import cudnn_mode
 from cifarlab.infer import Normalizer
 from cifarlab.loader import DeviceLoader
 from cifarlab.models import create_model, default_config
 from cifarlab.optim import Muon, build_optimizer
-from cifarlab.trainer import training_step
+from cifarlab.step import GraphedStep, training_step
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

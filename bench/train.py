@@ -25,7 +25,8 @@ from cifarlab.data import load_data
 from cifarlab.infer import Normalizer, loss_and_accuracy, predict_logits, to_device_images
 from cifarlab.models import create_model, default_config, get_spec, list_models
 from cifarlab.runs import RunWriter
-from cifarlab.trainer import train, training_step
+from cifarlab.step import training_step
+from cifarlab.trainer import train
 
 
 def throughput(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ LAYERS = [
     {"tblog"},
     {"runs"},
     {"infer", "export"},
-    {"loader", "optim", "checkpoint", "graphstep"},
+    {"loader", "optim", "checkpoint", "step"},
     {"trainer", "kerasfit"},
     {"doctor"},
     {"tune", "serve"},

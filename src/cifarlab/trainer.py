@@ -31,10 +31,8 @@ from cifarlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cifarlab.config import TrainConfig
 from cifarlab.data import SplitData, load_data
 from cifarlab.errors import ConfigError
-from cifarlab.graphstep import GraphedStep
 from cifarlab.hardware import (
     INFERENCE_PRECISION,
-    autocast,
     cudnn_mode,
     resolve_device,
     resolve_precision,
@@ -43,26 +41,11 @@ from cifarlab.infer import Normalizer, Scores, predict_logits, scores, to_device
 from cifarlab.kerasnet import KerasModule
 from cifarlab.loader import DeviceLoader
 from cifarlab.optim import Lookahead, Muon, build_optimizer
+from cifarlab.step import GraphedStep, training_step
 
 __all__ = ["finish", "train", "training_step"]
 
 log = logging.getLogger(__name__)
-
-
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                  loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                  device: torch.device, precision: str) -> torch.Tensor:
-    """One step: forward under autocast, backward, optimizer step; returns the detached loss.
-
-    The trainer's loop and the doctor's behavioural tests both take their steps here.
-    """
-    model.train()
-    with autocast(device, precision):
-        loss = loss_fn(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
 
 
 def _step_function(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,

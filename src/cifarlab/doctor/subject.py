@@ -23,7 +23,7 @@ from cifarlab.index import ContentIndex
 from cifarlab.infer import Normalizer, to_device_images
 from cifarlab.loader import DeviceLoader
 from cifarlab.optim import build_optimizer
-from cifarlab.trainer import training_step
+from cifarlab.step import training_step
 
 __all__ = ["StepFn", "Subject", "default_step", "subject_from_config"]
 

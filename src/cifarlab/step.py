@@ -1,10 +1,11 @@
-"""The training step captured once as a CUDA graph and replayed (``cuda_graphs: true``).
+"""The training step: :func:`training_step` eagerly, or :class:`GraphedStep`, the same step
+captured once as a CUDA graph and replayed (``cuda_graphs: true``).
 
 An eager step of a small network launches a few hundred kernels (forward, backward, autocast's
 casts, the optimizer's updates), each costing the CPU some microseconds to dispatch; at
 airnet's size on a Hopper GPU the CPU's dispatching, not the GPU, sets the pace. A replayed
-graph is one launch. The step is the trainer's own (:func:`cifarlab.trainer.training_step`'s
-arithmetic), so a graphed run follows the same schedule and takes the same steps.
+graph is one launch. It captures :func:`training_step`'s arithmetic, so a graphed run follows
+the same schedule and takes the same steps.
 
 What a captured step needs, and how it is met here:
 
@@ -27,7 +28,24 @@ from torch import nn
 from cifarlab.hardware import autocast
 from cifarlab.optim import Muon
 
-__all__ = ["GraphedStep"]
+__all__ = ["GraphedStep", "training_step"]
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                  device: torch.device, precision: str) -> torch.Tensor:
+    """One step: forward under autocast, backward, optimizer step; returns the detached loss.
+
+    The trainer's loop, :class:`GraphedStep`'s warm-up and the doctor's behavioural tests all
+    take their eager steps here.
+    """
+    model.train()
+    with autocast(device, precision):
+        loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 class GraphedStep:
@@ -78,13 +96,8 @@ class GraphedStep:
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
-            self.model.train()
-            with autocast(self.device, self.precision):
-                loss = self.loss_fn(self.model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss = loss.detach()
+            loss = training_step(self.model, self.optimizer, self.loss_fn, x, y, self.device,
+                                 self.precision)
         current.wait_stream(self._stream)
         loss.record_stream(current)
         return loss

@@ -9,10 +9,10 @@ from torch import nn
 
 from cifarlab.config import DataConfig
 from cifarlab.errors import ConfigError
-from cifarlab.graphstep import GraphedStep
 from cifarlab.hardware import cudnn_mode
 from cifarlab.models import create_model, default_config
 from cifarlab.optim import Muon, build_optimizer
+from cifarlab.step import GraphedStep
 from cifarlab.trainer import train
 
 CUDA = torch.cuda.is_available()
