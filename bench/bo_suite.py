@@ -163,7 +163,14 @@ def suite(a: argparse.Namespace) -> None:
             atomic_write_text(a.results, json.dumps(results, indent=1))
             print(f"{pname:<18} {sname:<12} seed {seed:>2}: regret {r['regret']:.4g}  "
                   f"{r['seconds'] * 1000:.1f} ms/suggestion", flush=True)
-    report(results, problems, samplers, a.seeds, time.perf_counter() - t0, a.jobs)
+    # the table shows every sampler and problem of the results file, not only this invocation's
+    # (a run of one sampler must not drop the others from the published section)
+    stored = {k.split("/")[1] for k in results} | set(samplers)
+    shown = [s for s in (*OPTUNA_SAMPLERS[:1], *CANDIDATES, *OPTUNA_SAMPLERS[1:], *PEERS)
+             if s in stored]
+    stored_problems = {k.split("/")[0] for k in results} | set(problems)
+    report(results, [p for p in PROBLEMS if p in stored_problems], shown, a.seeds,
+           time.perf_counter() - t0, a.jobs)
 
 
 def _scored(r: dict[str, Any], problem: Problem, sname: str) -> dict[str, Any]:

@@ -88,8 +88,33 @@ def test_config_file_errors_name_the_file(tmp_path):
     typo.write_text(json.dumps({"optim": {"lrr": 1}}))
     with pytest.raises(ConfigError, match=r"typo.json: config.optim: unknown key\(s\) lrr"):
         load_config_file(typo)
-    with pytest.raises(ConfigError, match="missing.json: cannot read"):
+    with pytest.raises(ConfigError, match="missing.json: the config file does not exist"):
         load_config_file(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match=r"config.ini: unknown config file type '.ini'; use "
+                                          r".json, .yaml, .yml or .toml"):
+        load_config_file(tmp_path / "config.ini")
+
+
+def test_config_file_in_yaml_or_toml(tmp_path):
+    """A hand-written config may be YAML or TOML, like a search space file, with the same checks."""
+    want = TrainConfig().with_values({"optim.lr": 0.5, "optim.epochs": 3.0})
+    yml = tmp_path / "c.yaml"
+    yml.write_text("optim:\n  lr: 0.5\n  epochs: 3\n")
+    assert load_config_file(yml) == want
+    toml = tmp_path / "c.toml"
+    toml.write_text("[optim]\nlr = 0.5\nepochs = 3\n")
+    assert load_config_file(toml) == want
+    broken = tmp_path / "broken.yml"
+    broken.write_text("optim: [\n")
+    with pytest.raises(ConfigError, match="broken.yml: cannot parse the config file"):
+        load_config_file(broken)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[optim]\nlrr = 1\n")
+    with pytest.raises(ConfigError, match=r"typo.toml: config.optim: unknown key\(s\) lrr"):
+        load_config_file(typo)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml"):
+        load_config_file(tmp_path / "list.yaml")
 
 
 def test_every_leaf_is_settable():

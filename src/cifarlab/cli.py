@@ -102,7 +102,8 @@ def cli(verbose: bool) -> None:
 @click.option("--recipe", default=None, help="A named recipe of the model (`cifarlab models` "
               "lists them) [default: the model's default recipe].")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              help="A config.json (e.g. from a run folder); options given here override it.")
+              help="A config file: a run folder's config.json, or one you wrote in JSON, YAML or "
+                   "TOML (any subset of the keys); options given here override it.")
 @click.option("--from-study", type=click.Path(path_type=Path), default=None,
               help="Retrain a study's answer (its best configuration at the target budget, "
                    "never one that lost to the baseline there) on train + validation and "
@@ -245,7 +246,8 @@ def _with_options(cfg: Any, data: Path | None, image_size: int | None, skip_bad:
 @click.option("--recipe", default=None, help="A named recipe of the model (`cifarlab models` "
               "lists them) [default: the model's default recipe].")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              default=None, help="A config.json (a run folder's, or one you wrote).")
+              default=None, help="A config file: a run folder's config.json, or one you wrote "
+                                 "in JSON, YAML or TOML.")
 @_data_options
 @click.option("--epochs", type=float, default=1.0, show_default=True,
               help="Monitored training run after the preflight checks (0: preflight only).")
@@ -315,8 +317,9 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 @click.option("--top-k", type=click.IntRange(1), default=2, show_default=True,
               help="Best search configurations re-evaluated at the target budget.")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              default=None, help="A config.json the study starts from: its baseline, and the "
-                                 "base of every trial [default: the model's recipe].")
+              default=None, help="A config file (JSON, YAML or TOML) the study starts from: "
+                                 "its baseline, and the base of every trial [default: the "
+                                 "model's recipe].")
 @click.option("--metric", type=click.Choice(["calibrated-loss", "loss", "error"]), default=None,
               help="What the study minimises on validation: cross-entropy at its best "
                    "temperature (calibrated-loss; the default for a new study), plain "

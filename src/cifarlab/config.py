@@ -277,16 +277,46 @@ def default_val_size(n_train: int) -> int:
     return min(5000, n_train // 10)
 
 
-def load_config_file(path: Path | str) -> TrainConfig:
-    """A ``config.json`` (a run folder's, or one written by hand), checked key by key; every
-    error names the file."""
+def read_settings_file(path: Path | str, what: str,
+                       suffixes: tuple[str, ...] = (".json", ".yaml", ".yml", ".toml")) -> Any:
+    """The parsed contents of a JSON, YAML (safe loader) or TOML file, chosen by its suffix;
+    ``what`` names the file's role in the errors ("config file", "search space file"). An empty
+    YAML file is an empty mapping."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise ConfigError(f"{path}: unknown {what} type {suffix!r}; use "
+                          + ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}.")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the {what} does not exist.") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror}).") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the {what} is not UTF-8 text ({exc}).") from None
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+            return {} if raw is None else raw
+        if suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc}).") from None
+    except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError carry line numbers
+        raise ConfigError(f"{path}: cannot parse the {what}: {exc}") from None
+
+
+def load_config_file(path: Path | str) -> TrainConfig:
+    """A training config: a run folder's ``config.json``, or a file written by hand in JSON, YAML
+    or TOML, checked key by key; every error names the file."""
+    path = Path(path)
+    raw = read_settings_file(path, "config file")
     try:
         return TrainConfig.from_dict(raw)
     except ConfigError as exc:

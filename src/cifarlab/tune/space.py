@@ -22,12 +22,11 @@ error names the file, the key and what is wrong with it.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.config import MODEL_ARGS, TrainConfig, config_paths
+from cifarlab.config import MODEL_ARGS, TrainConfig, config_paths, read_settings_file
 from cifarlab.errors import ConfigError, ModelError
 from cifarlab.models import default_config
 
@@ -196,22 +195,7 @@ def load_space(path: Path | str, *, model: str | None = None, epochs: float | No
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Search space file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        elif suffix == ".toml":
-            raw = tomllib.loads(text)
-        else:
-            raise ConfigError(f"{path}: unknown space file type {suffix!r}; use .yaml, .yml "
-                              "or .toml.")
-    except ConfigError:
-        raise
-    except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError carry line numbers
-        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+    raw = read_settings_file(path, "search space file", (".yaml", ".yml", ".toml"))
     raw = {} if raw is None else raw
     if isinstance(raw, dict):
         fid = dict(raw.get("fidelity") or {})
