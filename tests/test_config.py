@@ -90,9 +90,13 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config_file(typo)
     with pytest.raises(ConfigError, match="missing.json: the config file does not exist"):
         load_config_file(tmp_path / "missing.json")
-    with pytest.raises(ConfigError, match=r"config.ini: unknown config file type '.ini'; use "
-                                          r".json, .yaml, .yml or .toml"):
+    (tmp_path / "config.ini").write_text("[optim]\nlr = 1\n")
+    with pytest.raises(ConfigError, match=r"config.ini: not valid JSON .*; a config file is read "
+                                          r"as YAML when its name ends in .yaml or .yml"):
         load_config_file(tmp_path / "config.ini")
+    noext = tmp_path / "config"
+    noext.write_text(default_config("tutorial").to_json())
+    assert load_config_file(noext) == default_config("tutorial")
 
 
 def test_config_file_in_yaml_or_toml(tmp_path):

@@ -280,11 +280,14 @@ def default_val_size(n_train: int) -> int:
 def read_settings_file(path: Path | str, what: str,
                        suffixes: tuple[str, ...] = (".json", ".yaml", ".yml", ".toml")) -> Any:
     """The parsed contents of a JSON, YAML (safe loader) or TOML file, chosen by its suffix;
-    ``what`` names the file's role in the errors ("config file", "search space file"). An empty
-    YAML file is an empty mapping."""
+    ``what`` names the file's role in the errors ("config file", "search space file"). A suffix
+    outside ``suffixes`` is refused, unless ``.json`` is among them: then the file is read as
+    JSON (a config saved without its suffix). An empty YAML file is an empty mapping."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in suffixes:
+    if suffix not in suffixes and ".json" in suffixes:
+        suffix = ".json"
+    elif suffix not in suffixes:
         raise ConfigError(f"{path}: unknown {what} type {suffix!r}; use "
                           + ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}.")
     try:
@@ -307,7 +310,9 @@ def read_settings_file(path: Path | str, what: str,
             return tomllib.loads(text)
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}).") from None
+        raise ConfigError(f"{path}: not valid JSON ({exc}); a {what} is read as YAML when "
+                          "its name ends in .yaml or .yml, as TOML when it ends in .toml, else "
+                          "as JSON.") from None
     except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError carry line numbers
         raise ConfigError(f"{path}: cannot parse the {what}: {exc}") from None
 
