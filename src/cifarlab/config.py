@@ -278,14 +278,15 @@ def default_val_size(n_train: int) -> int:
 
 
 def read_settings_file(path: Path | str, what: str,
-                       suffixes: tuple[str, ...] = (".json", ".yaml", ".yml", ".toml")) -> Any:
+                       suffixes: tuple[str, ...] = (".json", ".yaml", ".yml", ".toml"),
+                       other_as_json: bool = False) -> Any:
     """The parsed contents of a JSON, YAML (safe loader) or TOML file, chosen by its suffix;
     ``what`` names the file's role in the errors ("config file", "search space file"). A suffix
-    outside ``suffixes`` is refused, unless ``.json`` is among them: then the file is read as
-    JSON (a config saved without its suffix). An empty YAML file is an empty mapping."""
+    outside ``suffixes`` is refused, or with ``other_as_json`` read as JSON (a config saved
+    without its suffix). An empty YAML file is an empty mapping."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in suffixes and ".json" in suffixes:
+    if suffix not in suffixes and other_as_json:
         suffix = ".json"
     elif suffix not in suffixes:
         raise ConfigError(f"{path}: unknown {what} type {suffix!r}; use "
@@ -321,7 +322,7 @@ def load_config_file(path: Path | str) -> TrainConfig:
     """A training config: a run folder's ``config.json``, or a file written by hand in JSON, YAML
     or TOML, checked key by key; every error names the file."""
     path = Path(path)
-    raw = read_settings_file(path, "config file")
+    raw = read_settings_file(path, "config file", other_as_json=True)
     try:
         return TrainConfig.from_dict(raw)
     except ConfigError as exc:

@@ -196,7 +196,6 @@ def load_space(path: Path | str, *, model: str | None = None, epochs: float | No
     if not path.is_file():
         raise ConfigError(f"Search space file {path} does not exist.")
     raw = read_settings_file(path, "search space file", (".yaml", ".yml", ".toml"))
-    raw = {} if raw is None else raw
     if isinstance(raw, dict):
         fid = dict(raw.get("fidelity") or {})
         for key, value in (("model", model), ("epochs", epochs),
