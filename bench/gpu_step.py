@@ -65,12 +65,15 @@ def _variant(model: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> N
             return plain(g.bfloat16(), *args).float()
 
         optimizer._orthogonalize = bf16  # type: ignore[assignment]
+    if "compile" in name:  # compile: true (Muon's Newton-Schulz is compiled by build_optimizer)
+        model.compile()
 
 
 def time_mode(recipe: str, batch: int, graphed: bool, steps: int, n: int,
               variant: str = "") -> dict:
     device = torch.device("cuda")
-    cfg = default_config("airnet", recipe).with_values({"batch_size": batch, "seed": 0})
+    cfg = default_config("airnet", recipe).with_values({"batch_size": batch, "seed": 0,
+                                                        "compile": "compile" in variant})
     rng = np.random.default_rng(0)
     ds = Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                  rng.integers(0, 10, n).astype(np.int64), [str(i) for i in range(10)],
@@ -143,7 +146,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--variants", nargs="*", default=[""],
-                   help="trials: nsbf16 (Newton-Schulz in bf16), amaxpool (pooling by amax)")
+                   help="trials: nsbf16 (Newton-Schulz in bf16), amaxpool (pooling by amax), "
+                        "compile (compile: true)")
     p.add_argument("--graphed-only", action="store_true")
     p.add_argument("--out", type=Path, default=Path("gpu-step.json"))
     a = p.parse_args()

@@ -478,3 +478,12 @@ def test_onnx_export_matches_predict(run_dir, tmp_path):
 def test_export_refuses_what_it_cannot_do(run_dir, capsys):
     code, _, err = call(capsys, "export", str(run_dir), "--format", "keras")
     assert code != 0 and "needs a Keras model" in err and "--format onnx" in err
+
+
+@pytest.mark.parametrize("flag", ["cuda_graphs", "compile"])
+def test_step_capture_and_compile_refuse_a_keras_model(learnable, flag):
+    """A Keras model runs through cifarlab.kerasfast: cuda_graphs and compile, which capture
+    or compile a PyTorch module's step, say so and name the setting to turn off."""
+    cfg = _config("keras-cnn", learnable, filters=8, units=16).with_values({flag: True})
+    with pytest.raises(ConfigError, match=f"{flag}: false"):
+        train(cfg, progress=False)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from cifarlab.config import DataConfig
-from cifarlab.errors import ConfigError
 from cifarlab.hardware import cudnn_mode
 from cifarlab.models import create_model, default_config
 from cifarlab.optim import Muon, build_optimizer
@@ -61,14 +60,6 @@ def test_capturable_sgd_is_torch_sgd_on_the_trainer(learnable):
     assert graphed.test_acc == plain.test_acc
 
 
-def test_cuda_graphs_refuses_compile(learnable):
-    cfg = default_config("airnet").with_values(
-        {"width": 0.25, "epochs": 1.0, "cuda_graphs": True, "compile": True})
-    cfg.data = DataConfig(source=str(learnable), val_size=40)
-    with pytest.raises(ConfigError, match="cuda_graphs"):
-        train(cfg, progress=False)
-
-
 def test_a_graph_needs_cuda():
     model = create_model("airnet", 10, 0.25)
     opt, _ = build_optimizer(model, default_config("airnet"), 4, capturable=True)
@@ -76,14 +67,18 @@ def test_a_graph_needs_cuda():
         GraphedStep(model, opt, torch.nn.CrossEntropyLoss(), torch.device("cpu"), "fp32")
 
 
-def _steps(recipe: str, warmup: int, steps: int = 12, freeze_at: int = 7) -> nn.Module:
+def _steps(recipe: str, warmup: int, steps: int = 12, freeze_at: int = 7,
+           compiled: bool = False) -> nn.Module:
     """``steps`` training steps of a small airnet through a GraphedStep on CUDA, with the
     whitening bias frozen before step ``freeze_at``; ``warmup`` larger than ``steps`` never
-    captures (every step eager, with the same arithmetic)."""
+    captures (every step eager, with the same arithmetic). ``compiled``: torch.compile the
+    model first."""
     device = torch.device("cuda")
     cfg = default_config("airnet", recipe)
     torch.manual_seed(0)
     model = create_model("airnet", 10, 0.5).to(device).to(memory_format=torch.channels_last)
+    if compiled:
+        model.compile()
     opt, sched = build_optimizer(model, cfg, total_steps=steps, capturable=True)
     assert isinstance(opt, Muon)
     opt.lr_from_tensors(device)
@@ -115,6 +110,19 @@ def test_a_replayed_graph_computes_the_eager_step(recipe):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_a_compiled_model_is_captured_with_its_generated_kernels():
+    """compile: true with cuda_graphs: true: the warm-up compiles (again after the freeze), the
+    capture replays the compiled kernels, and the weights are those of the same compiled steps
+    taken eagerly."""
+    with cudnn_mode(torch.device("cuda"), deterministic=True):
+        graphed = _steps("airbench94-muon", warmup=2, compiled=True)
+        eager = _steps("airbench94-muon", warmup=10**6, compiled=True)
+    for (name, pa), pb in zip(eager.state_dict().items(), graphed.state_dict().values(),
+                              strict=True):
+        assert torch.allclose(pa.float(), pb.float(), rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("recipe", ["airbench94", "airbench94-muon"])
 def test_graphed_run_takes_the_eager_runs_steps(learnable, recipe):
     """On CUDA the trainer with cuda_graphs (captured again when airnet's whitening bias
@@ -126,9 +134,10 @@ def test_graphed_run_takes_the_eager_runs_steps(learnable, recipe):
          "deterministic": True})
     cfg.data = DataConfig(source=str(learnable), val_size=40)
     eager = train(cfg, progress=False)
-    graphed = train(cfg.with_values({"cuda_graphs": True}), progress=False)
-    assert graphed.extras["cuda_graph_captures"] == 2  # the whitening bias froze in between
-    assert graphed.history[-1]["train_loss"] == pytest.approx(
-        eager.history[-1]["train_loss"], rel=0.2)
-    assert eager.test_acc is not None and graphed.test_acc is not None
-    assert graphed.test_acc >= eager.test_acc - 0.1
+    for extra in ({}, {"compile": True}):
+        graphed = train(cfg.with_values({"cuda_graphs": True} | extra), progress=False)
+        assert graphed.extras["cuda_graph_captures"] == 2  # the whitening bias froze between
+        assert graphed.history[-1]["train_loss"] == pytest.approx(
+            eager.history[-1]["train_loss"], rel=0.2), extra
+        assert eager.test_acc is not None and graphed.test_acc is not None
+        assert graphed.test_acc >= eager.test_acc - 0.1, extra

@@ -98,7 +98,8 @@ class TrainConfig:
     compile: bool = False
     # capture the training step as a CUDA graph and replay it (CUDA only; a no-op elsewhere):
     # one launch per step instead of hundreds, for small nets whose eager steps are bound by
-    # the CPU's dispatching (cifarlab.step). PyTorch models, without compile.
+    # the CPU's dispatching (cifarlab.step). PyTorch models; with compile: true the graph
+    # replays the compiled kernels.
     cuda_graphs: bool = False
     tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1px translations
     seed: int = 0

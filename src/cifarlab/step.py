@@ -16,6 +16,12 @@ What a captured step needs, and how it is met here:
   trained for the first part of the run) changes the step, so the step is captured again;
 - a warm-up: a few eager steps on a side stream before each capture, as PyTorch's CUDA-graph
   notes ask (lazy initialisation, cuDNN's autotuning and the optimizer's buffers happen there).
+
+A compiled model (``compile: true``) is captured the same way: the warm-up steps compile it
+(again when a parameter freezes, which changes its guards), so the capture replays kernels
+already generated. The warm-up runs under the autocast settings of the capture (no weight-cast
+cache): torch.compile guards on them, and a guard that failed inside a capture would compile
+there, which a capture does not allow.
 """
 
 from __future__ import annotations
@@ -33,14 +39,14 @@ __all__ = ["GraphedStep", "training_step"]
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                   loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                  device: torch.device, precision: str) -> torch.Tensor:
+                  device: torch.device, precision: str, cache: bool = True) -> torch.Tensor:
     """One step: forward under autocast, backward, optimizer step; returns the detached loss.
 
     The trainer's loop, :class:`GraphedStep`'s warm-up and the doctor's behavioural tests all
-    take their eager steps here.
+    take their eager steps here. ``cache=False`` turns autocast's weight-cast cache off.
     """
     model.train()
-    with autocast(device, precision):
+    with autocast(device, precision, cache):
         loss = loss_fn(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -97,7 +103,7 @@ class GraphedStep:
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
             loss = training_step(self.model, self.optimizer, self.loss_fn, x, y, self.device,
-                                 self.precision)
+                                 self.precision, cache=False)
         current.wait_stream(self._stream)
         loss.record_stream(current)
         return loss

@@ -123,10 +123,9 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         # (a Keras model keeps its kernels as they are: it lays them out per call itself, and
         # its channels_last inputs reach it as N×H×W×C views)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if config.cuda_graphs and (config.compile or isinstance(model, KerasModule)):
-        raise ConfigError("cuda_graphs: true captures a PyTorch module's eager step; it "
-                          "does not combine with compile: true or a Keras model. Set one of "
-                          "them off.")
+    if config.cuda_graphs and isinstance(model, KerasModule):
+        raise ConfigError("cuda_graphs: true captures a PyTorch module's step; a Keras model "
+                          "runs through cifarlab.kerasfast instead. Set cuda_graphs: false.")
     if config.compile:
         if isinstance(model, KerasModule):
             raise ConfigError("compile: true compiles a PyTorch module; a Keras model runs "
