@@ -279,3 +279,24 @@ def test_the_gp_sampler_fits_with_cifarlabs_prior():
     from cifarlab.tune.samplers import log_prior
 
     assert make_sampler("gp", 0, 4)._log_prior is log_prior
+
+
+@pytest.mark.parametrize("per_dimension, first_guided", [(False, 10), (True, 3)])
+def test_startup_per_dimension_hands_over_after_d_plus_one_trials(per_dimension, first_guided):
+    """With ``startup_per_dimension`` (a bo_suite candidate, HEBO's rule) a 2-parameter study
+    starts fitting the GP after 3 random trials instead of the sampler's 10."""
+    sampler = make_sampler("gp", seed=0, n_startup=10)
+    assert isinstance(sampler, FailureAwareGPSampler)
+    sampler.startup_per_dimension = per_dimension
+    guided = []
+    original = sampler._sample_relative_impl
+
+    def spy(study, observed, running, space):  # type: ignore[no-untyped-def]
+        guided.append(len(observed))
+        return original(study, observed, running, space)
+
+    sampler._sample_relative_impl = spy  # type: ignore[method-assign]
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2 + t.suggest_float("y", 0, 1),
+                   n_trials=12)
+    assert guided and guided[0] == first_guided

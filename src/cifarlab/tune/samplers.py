@@ -128,6 +128,7 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
     n_local_candidates = 1024
     local_scales = (0.005, 0.02, 0.05, 0.15)
     input_warping = False  # Kumaraswamy warping of continuous inputs (cifarlab.tune.warping)
+    startup_per_dimension = False  # at most d + 1 random trials for d parameters, as HEBO
     reflect = False  # local candidates reflected at the box's faces instead of clipped onto them
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -189,7 +190,10 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
             if t.state == TrialState.RUNNING
             and search_space.keys() <= _gp_sampler._get_params(t).keys()
         ]
-        if len(observed) < self._n_startup_trials:
+        startup = self._n_startup_trials
+        if self.startup_per_dimension:
+            startup = min(startup, len(search_space) + 1)
+        if len(observed) < startup:
             return {}
         observed = warp_observations(observed)
         warp = self._fit_input_warp(observed, search_space) if self.input_warping else None
