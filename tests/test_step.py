@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cifarlab.config import DataConfig
+from cifarlab.errors import ConfigError
 from cifarlab.hardware import cudnn_mode
 from cifarlab.models import create_model, default_config
 from cifarlab.optim import Muon, build_optimizer
@@ -141,3 +142,31 @@ def test_graphed_run_takes_the_eager_runs_steps(learnable, recipe):
             eager.history[-1]["train_loss"], rel=0.2), extra
         assert eager.test_acc is not None and graphed.test_acc is not None
         assert graphed.test_acc >= eager.test_acc - 0.1, extra
+
+
+class _Syncs(nn.Module):
+    """A net whose forward branches on a value, which waits for the GPU: not capturable."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x.flatten(1))
+        return out if out.sum().item() < 1e30 else -out
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_a_step_that_waits_for_the_cpu_is_refused_with_what_to_do():
+    """(last in the file: a failed capture is the end of a process's graph work)"""
+    device = torch.device("cuda")
+    model = _Syncs().to(device)
+    opt, _ = build_optimizer(model, default_config("airnet", "airbench94"), 4, capturable=True)
+    assert isinstance(opt, Muon)
+    opt.lr_from_tensors(device)
+    step = GraphedStep(model, opt, nn.CrossEntropyLoss(), device, "fp32", warmup=1)
+    x, y = torch.randn(8, 3, 32, 32, device=device), torch.zeros(8, dtype=torch.long,
+                                                                 device=device)
+    step(x, y)  # the eager warm-up step
+    with pytest.raises(ConfigError, match="_Syncs.*cuda_graphs: false"):
+        step(x, y)

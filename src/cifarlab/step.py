@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cifarlab.errors import ConfigError
 from cifarlab.hardware import autocast
 from cifarlab.optim import Muon
 
@@ -117,12 +118,19 @@ class GraphedStep:
         # and a frozen parameter has none, so the captured optimizer skips it as eagerly
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            # autocast's weight-cast cache must stay off inside a capture
-            with autocast(self.device, self.precision, cache=False):
-                loss = self.loss_fn(self.model(self._x), self._y)
-            loss.backward()
-            self.optimizer.step()
-            self._loss = loss.detach()
+        try:
+            with torch.cuda.graph(graph):
+                # autocast's weight-cast cache must stay off inside a capture
+                with autocast(self.device, self.precision, cache=False):
+                    loss = self.loss_fn(self.model(self._x), self._y)
+                loss.backward()
+                self.optimizer.step()
+                self._loss = loss.detach()
+        except RuntimeError as exc:  # (CUDA's capture errors are RuntimeErrors)
+            raise ConfigError(
+                f"cuda_graphs: true could not capture the training step of "
+                f"{type(self.model).__name__}: {str(exc).splitlines()[0]}. A step that waits "
+                "for the CPU (.item(), a shape or branch that depends on a value) cannot be "
+                "replayed from a graph; set cuda_graphs: false.") from exc
         self._graph = graph
         self.captures += 1
