@@ -39,8 +39,8 @@ from cifarlab.files import atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / "bench-out" / "peers-venv"
 OPTUNA_SAMPLERS = ("cifarlab-gp", "optuna-gp", "optuna-tpe", "random")
-CANDIDATES = ("cifarlab-gp-warp", "cifarlab-gp-reflect", "cifarlab-gp-mix-reflect",
-              "cifarlab-gp-d1",
+CANDIDATES = ("cifarlab-gp-mean-prior", "cifarlab-gp-warp", "cifarlab-gp-reflect",
+              "cifarlab-gp-mix-reflect", "cifarlab-gp-d1",
               "cifarlab-gp-ls2", "cifarlab-gp-ls3", "cifarlab-gp-ls5", "cifarlab-gp-ls8",
               "cifarlab-gp-optuna-prior")  # cifarlab variants measured before they ship
 PEERS = ("hebo", "skopt")
@@ -56,6 +56,10 @@ def make(name: str, seed: int, n_trials: int):
         sampler.input_warping = name == "cifarlab-gp-warp"  # type: ignore[attr-defined]
         sampler.reflect = name.endswith("reflect")  # type: ignore[attr-defined]
         sampler.startup_per_dimension = name == "cifarlab-gp-d1"  # type: ignore[attr-defined]
+        if name != "cifarlab-gp":
+            # every candidate was measured with the GP's prior mean at the values' mean, the
+            # shipped sampler's until 2026-11-27 (cifarlab-gp-mean-prior)
+            sampler.prior_mean_quantile = None  # type: ignore[attr-defined]
         if name in ("cifarlab-gp-optuna-prior", "cifarlab-gp-warp", "cifarlab-gp-reflect"):
             # Optuna's own length-scale prior: the sampler before 2026-11-27, on which the
             # stored warp and reflect runs were measured

@@ -300,3 +300,43 @@ def test_startup_per_dimension_hands_over_after_d_plus_one_trials(per_dimension,
     study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2 + t.suggest_float("y", 0, 1),
                    n_trials=12)
     assert guided and guided[0] == first_guided
+
+
+def test_standardize_at_quantile_puts_zero_at_that_quantile():
+    from cifarlab.tune.priormean import standardize_at_quantile
+
+    v = np.array([[-3.0], [-1.0], [0.0], [2.0], [7.0]])
+    z, shift, scale = standardize_at_quantile(v, 25.0)
+    assert shift[0] == np.percentile(v, 25) and scale[0] == pytest.approx(v.std())
+    assert np.percentile(z, 25) == pytest.approx(0.0) and z.std() == pytest.approx(1.0)
+    assert np.all(np.diff(z[:, 0]) > 0)  # monotone: the order of the values is kept
+
+
+@pytest.mark.parametrize("quantile", [None, 25.0])
+def test_the_gp_is_fitted_with_its_prior_mean_at_the_quantile(monkeypatch, quantile):
+    """The GP the sampler fits sees values whose zero (its prior mean) is the quantile-th
+    percentile of the maximising-sign values (None: their mean, as Optuna's), and Optuna's own
+    standardization is left as it was for every other GPSampler."""
+    from optuna.samplers._gp import sampler as gp_sampler
+
+    original_standardize = gp_sampler._standardize_values
+    fitted_y: list[np.ndarray] = []
+    gp = gp_sampler.gp  # (the sampler module's own lazy handle on optuna._gp.gp)
+    fit = gp.fit_kernel_params
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fitted_y.append(np.asarray(kwargs["Y"]))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(gp, "fit_kernel_params", spy)
+    sampler = make_sampler("gp", seed=0, n_startup=5)
+    assert isinstance(sampler, FailureAwareGPSampler)
+    sampler.prior_mean_quantile = quantile
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2 + t.suggest_float("y", 0, 1),
+                   n_trials=8)
+    assert len(fitted_y) == 3
+    for y in fitted_y:
+        centre = np.mean(y) if quantile is None else np.percentile(y, quantile)
+        assert centre == pytest.approx(0.0, abs=1e-9) and y.std() == pytest.approx(1.0)
+    assert gp_sampler._standardize_values is original_standardize

@@ -9,7 +9,10 @@ region where training diverges looks unexplored, and expected improvement keeps 
 back into it. Here a failed trial counts as the worst completed value, and a pruned trial as the
 last validation loss it reported, so the surrogate learns where not to go.
 
-Four more departures, each measured in ``bench/bo_suite.py`` (docs/BENCHMARKS.md):
+Five more departures, each measured in ``bench/bo_suite.py`` (docs/BENCHMARKS.md):
+
+* **Prior mean.** The GP's zero sits at a poor quantile of the losses, not at their mean, so
+  unexplored space is not predicted to be an average trial (:mod:`cifarlab.tune.priormean`).
 
 * **Length-scale prior.** The kernel's length scales are fitted under a broader prior than
   Optuna's (:func:`log_prior`): a mixture of Optuna's, whose mode is the whole range of a
@@ -53,6 +56,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers._gp import sampler as _gp_sampler
 from optuna.trial import FrozenTrial, TrialState
 
+from cifarlab.tune.priormean import PRIOR_MEAN_QUANTILE, sample_relative_impl
 from cifarlab.tune.warping import InputWarp, fit_input_warp
 
 __all__ = [
@@ -129,11 +133,22 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
     local_scales = (0.005, 0.02, 0.05, 0.15)
     input_warping = False  # Kumaraswamy warping of continuous inputs (cifarlab.tune.warping)
     startup_per_dimension = False  # at most d + 1 random trials for d parameters, as HEBO
+    # the GP's prior mean at this percentile of the values (cifarlab.tune.priormean); None:
+    # at their mean, as Optuna's GPSampler
+    prior_mean_quantile: float | None = PRIOR_MEAN_QUANTILE
     reflect = False  # local candidates reflected at the box's faces instead of clipped onto them
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._log_prior = log_prior
+
+    def _sample_relative_impl(self, study: optuna.Study, completed: list[FrozenTrial],
+                              running: list[FrozenTrial],
+                              search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if self.prior_mean_quantile is None:
+            return super()._sample_relative_impl(study, completed, running, search_space)
+        impl = sample_relative_impl(self.prior_mean_quantile)
+        return impl(self, study, completed, running, search_space)
 
     def _optimize_acqf(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray:
         cont = acqf.search_space.continuous_indices
@@ -376,9 +391,10 @@ class Surrogate:
 
 
 def fit_surrogate(study: optuna.Study, warp: bool = False) -> Surrogate | None:
-    """Fit the sampler's GP (same kernel, prior and data) to ``study``; None with < 2 points.
-    With ``warp`` it is fitted to the warped losses, as the sampler's is, and predicts in
-    warped units; without, in loss units (what the report plots)."""
+    """Fit the sampler's GP (kernel, length-scale prior, data; its prior mean at the losses'
+    mean, not the sampler's poor quantile: the same near the data) to ``study``; None with < 2
+    points. With ``warp`` it is fitted to the warped losses, as the sampler's is, and predicts
+    in warped units; without, in loss units (what the report plots)."""
     from optuna._gp import gp, prior
     from optuna._gp import search_space as gp_search_space
     from optuna.search_space import intersection_search_space
