@@ -126,6 +126,8 @@ class GraphedStep:
                 loss.backward()
                 self.optimizer.step()
                 self._loss = loss.detach()
+        except torch.cuda.OutOfMemoryError:
+            raise  # (a RuntimeError too, but not the step's fault: its own message says what)
         except RuntimeError as exc:  # (CUDA's capture errors are RuntimeErrors)
             raise ConfigError(
                 f"cuda_graphs: true could not capture the training step of "

@@ -4,15 +4,15 @@ Optuna's GPSampler standardizes the objective values to mean 0 and fits a zero-m
 from every observation the surrogate predicts the *average* trial, with its full prior variance.
 Expected improvement then finds its largest values where nothing was measured: the corners and
 faces of the box. In bo_suite 35% of the sampler's suggestions had a parameter exactly on a
-bound; on Rosenbrock4, whose values grow a thousandfold towards the faces, 42-45% of its
+bound; on Rosenbrock4, whose values grow by orders of magnitude towards the faces, 42-45% of its
 model-guided trials did (two seeds, 2026-11-27).
 
 Here the values are shifted so that zero is their :data:`PRIOR_MEAN_QUANTILE`-th percentile in
 the sampler's maximising sign, the loss that a quarter of the trials did worse than: unexplored
 space is assumed to be no better than a poor trial, and exploration has to earn its way by
 variance near good points rather than by distance from all of them. The scale (the standard
-deviation) is unchanged, and the shift does not move the posterior near the data. Measured in
-bench/bo_suite.py (docs/BENCHMARKS.md).
+deviation) is unchanged, and near the data, where the observations dominate, the posterior
+moves little. Measured in bench/bo_suite.py (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
