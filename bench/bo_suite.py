@@ -39,7 +39,7 @@ from cifarlab.files import atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / "bench-out" / "peers-venv"
 OPTUNA_SAMPLERS = ("cifarlab-gp", "optuna-gp", "optuna-tpe", "random")
-CANDIDATES = ("cifarlab-gp-mean-prior", "cifarlab-gp-warp", "cifarlab-gp-reflect",
+CANDIDATES = ("cifarlab-gp-global", "cifarlab-gp-tr-mean", "cifarlab-gp-mean-prior", "cifarlab-gp-warp", "cifarlab-gp-reflect",
               "cifarlab-gp-mix-reflect", "cifarlab-gp-d1",
               "cifarlab-gp-ls2", "cifarlab-gp-ls3", "cifarlab-gp-ls5", "cifarlab-gp-ls8",
               "cifarlab-gp-optuna-prior")  # cifarlab variants measured before they ship
@@ -56,9 +56,15 @@ def make(name: str, seed: int, n_trials: int):
         sampler.input_warping = name == "cifarlab-gp-warp"  # type: ignore[attr-defined]
         sampler.reflect = name.endswith("reflect")  # type: ignore[attr-defined]
         sampler.startup_per_dimension = name == "cifarlab-gp-d1"  # type: ignore[attr-defined]
-        if name != "cifarlab-gp":
-            # every candidate was measured with the GP's prior mean at the values' mean, the
-            # shipped sampler's until 2026-11-27 (cifarlab-gp-mean-prior)
+        if name == "cifarlab-gp-tr-mean":  # the local box around the best posterior mean
+            sampler.trust_centre = "posterior"  # type: ignore[attr-defined]
+        elif name != "cifarlab-gp":
+            # every other candidate was measured without the trust region's local steps
+            # (cifarlab-gp-global: the shipped sampler before them, 2026-11-27)
+            sampler.trust_region = False  # type: ignore[attr-defined]
+        if name not in ("cifarlab-gp", "cifarlab-gp-global", "cifarlab-gp-tr-mean"):
+            # and with the GP's prior mean at the values' mean, the shipped sampler's until
+            # 2026-11-27 (cifarlab-gp-mean-prior)
             sampler.prior_mean_quantile = None  # type: ignore[attr-defined]
         if name in ("cifarlab-gp-optuna-prior", "cifarlab-gp-warp", "cifarlab-gp-reflect"):
             # Optuna's own length-scale prior: the sampler before 2026-11-27, on which the

@@ -41,9 +41,10 @@ from _common import machine, publish
 
 LOSSLESS = Path(__file__).resolve().parents[2] / "shared/datasets/cifar-10-lossless-python.tar.gz"
 RUNNABLE = ("baseline", "cifarlab", "cifarlab-ft", "tpe", "random")
-# report-only rows: cifarlab's GP sampler with Optuna's length-scale prior, as it was until
-# 2026-11-27 (its results were moved to this name when the sampler changed)
-METHODS = (*RUNNABLE, "cifarlab-optuna-prior")
+# report-only rows, moved to these names when the sampler changed: cifarlab's GP sampler with
+# Optuna's length-scale prior (until 2026-11-27), and with its own prior but the GP's prior
+# mean at the losses' mean and no trust-region steps (until 2026-11-27, third session)
+METHODS = (*RUNNABLE, "cifarlab-optuna-prior", "cifarlab-mean-prior")
 PEER_SETTINGS = {"cifarlab": ("gp", "median"), "cifarlab-ft": ("freeze-thaw", "none"),
                  "tpe": ("tpe", "hyperband"), "random": ("random", "asha")}
 

@@ -206,6 +206,8 @@ def test_local_candidates_centre_on_the_best_posterior_mean_not_a_lucky_draw():
 
     def fitted(points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
         sampler = make_sampler("gp", 0, 4)
+        assert isinstance(sampler, FailureAwareGPSampler)
+        sampler.trust_region = False  # (a local step would fit its GP near the lucky draw)
         study = optuna.create_study(sampler=sampler)
         for x, y in points:
             study.add_trial(optuna.trial.create_trial(params={"x": x},

@@ -9,8 +9,10 @@ region where training diverges looks unexplored, and expected improvement keeps 
 back into it. Here a failed trial counts as the worst completed value, and a pruned trial as the
 last validation loss it reported, so the surrogate learns where not to go.
 
-Five more departures, each measured in ``bench/bo_suite.py`` (docs/BENCHMARKS.md):
+Six more departures, each measured in ``bench/bo_suite.py`` (docs/BENCHMARKS.md):
 
+* **Trust region.** Every other model-guided trial is local: a GP fitted near the incumbent,
+  searched in a box around it that shrinks where such steps fail (:mod:`.trustregion`).
 * **Prior mean.** The GP's zero sits at a poor quantile of the losses, not at their mean, so
   unexplored space is not predicted to be an average trial (:mod:`cifarlab.tune.priormean`).
 
@@ -57,6 +59,7 @@ from optuna.samplers._gp import sampler as _gp_sampler
 from optuna.trial import FrozenTrial, TrialState
 
 from cifarlab.tune.priormean import PRIOR_MEAN_QUANTILE, sample_relative_impl
+from cifarlab.tune.trustregion import SIDE_ATTR, is_local, narrow, perturb
 from cifarlab.tune.warping import InputWarp, fit_input_warp
 
 __all__ = [
@@ -136,11 +139,14 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
     # the GP's prior mean at this percentile of the values (cifarlab.tune.priormean); None:
     # at their mean, as Optuna's GPSampler
     prior_mean_quantile: float | None = PRIOR_MEAN_QUANTILE
+    trust_region = True  # every other model-guided trial is local (cifarlab.tune.trustregion)
+    trust_centre = "observed"  # its box around the best observation, or "posterior" mean
     reflect = False  # local candidates reflected at the box's faces instead of clipped onto them
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._log_prior = log_prior
+        self._local_gprs: Any = None
 
     def _sample_relative_impl(self, study: optuna.Study, completed: list[FrozenTrial],
                               running: list[FrozenTrial],
@@ -210,14 +216,27 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
             startup = min(startup, len(search_space) + 1)
         if len(observed) < startup:
             return {}
+        region, local = search_space, (  # (an enqueued trial's parameters are fixed)
+            self.trust_region and not self.input_warping and is_local(trial.number, startup)
+            and "fixed_params" not in trial.system_attrs)
+        if local:
+            fitted = (self._gprs_cache_list[0] if self.trust_centre == "posterior"
+                      and self._gprs_cache_list else None)
+            region, observed, side = narrow(trials, observed, search_space, fitted)
+            study._storage.set_trial_system_attr(trial._trial_id, SIDE_ATTR, side)
         observed = warp_observations(observed)
         warp = self._fit_input_warp(observed, search_space) if self.input_warping else None
         if warp is not None:
             observed, running = warp.trials(observed), warp.trials(running)
         import torch
 
+        # the local and the global GP each warm-start from their own last fit
+        if local:
+            self._gprs_cache_list, self._local_gprs = self._local_gprs, self._gprs_cache_list
         with torch.device("cpu"):
-            params = self._sample_relative_impl(study, observed, running, search_space)
+            params = self._sample_relative_impl(study, observed, running, region)
+        if local:
+            self._gprs_cache_list, self._local_gprs = self._local_gprs, self._gprs_cache_list
         if warp is not None and params:
             params = warp.unwarp(params)
         if params:
@@ -230,25 +249,6 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
                     trial._trial_id, f"{_gp_sampler._RELATIVE_PARAMS_KEY}:{i // size}",
                     text[i : i + size])
         return params
-
-
-def perturb(center: np.ndarray, dims: np.ndarray, n: int, scales: tuple[float, ...],
-            rng: np.random.RandomState, reflect: bool = False) -> np.ndarray:
-    """``n`` copies of the normalized point ``center``, each with a random non-empty subset of
-    ``dims`` moved by Gaussian steps of one of ``scales`` (fractions of the range), clipped to
-    the unit box, or with ``reflect`` mirrored back into it at the face they crossed (clipping
-    puts every step that crosses a face exactly on it)."""
-    out = np.repeat(center[None, :], n, axis=0)
-    k = len(dims)
-    sizes = rng.randint(1, k + 1, size=n)
-    chosen = rng.random_sample((n, k)).argsort(axis=1) < sizes[:, None]  # that many dims each
-    step = rng.standard_normal((n, k)) * np.asarray(scales)[rng.randint(len(scales), size=n)][:, None]
-    moved = out[:, dims] + np.where(chosen, step, 0.0)
-    if reflect:
-        moved = np.mod(moved, 2.0)
-        moved = np.where(moved > 1.0, 2.0 - moved, moved)
-    out[:, dims] = np.clip(moved, 0.0, 1.0)
-    return out
 
 
 def observations_for_surrogate(
