@@ -251,7 +251,9 @@ def report(results: dict, problems: list[str], samplers: list[str], seeds: int, 
         lines.append(
             f"Target ({mine}): median regret at most the best peer's on at least 75% of the "
             f"problems: {len(wins[mine])}/{len(counted[mine])} ({share:.0%}): "
-            + ("met." if share >= 0.75 else "**missed**.")
+            + (f"not judged, {len(counted[mine])} of {len(problems)} problems run."
+               if len(counted[mine]) < len(problems)
+               else "met." if share >= 0.75 else "**missed**.")
             + (" Not at most the best peer's on: "
                + ", ".join(p for p in counted[mine] if p not in wins[mine]) + "."
                if wins[mine] != counted[mine] else ""))

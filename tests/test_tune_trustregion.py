@@ -120,3 +120,33 @@ def test_an_enqueued_trial_is_not_a_local_step():
     assert tr.is_local(7, 4) and trials[7].params["x"] == 1.0
     assert [tr.SIDE_ATTR in t.system_attrs for t in trials[4:]] == [False, True, False, False,
                                                                     False, True]
+
+
+def test_a_maximised_study_centres_its_box_on_the_highest_value_and_imputes_the_lowest():
+    from cifarlab.tune.samplers import IMPUTE_ATTR, observations_for_surrogate
+
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("gp", 0, 4))
+    study.optimize(lambda t: -_ripples(t), n_trials=12)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    space = trials[0].distributions
+    for t in (t for t in trials if tr.SIDE_ATTR in t.system_attrs):
+        before = [u for u in trials if u.number < t.number]
+        assert t.system_attrs[tr.SIDE_ATTR] == pytest.approx(tr.next_side(before, True))
+        best = max(before, key=lambda u: float(u.value or 0.0))
+        region = tr.box(space, best.params, t.system_attrs[tr.SIDE_ATTR])
+        assert tr.outside(region, space, t.params) == pytest.approx(0.0, abs=1e-9)
+
+    failed = study.ask()
+    failed.suggest_float("x", -5.0, 5.0)
+    failed.suggest_float("y", 1e-3, 1.0, log=True)
+    failed.suggest_int("n", 0, 10)
+    failed.set_user_attr(IMPUTE_ATTR, True)
+    study.tell(failed, state=TrialState.FAIL)
+    imputed = observations_for_surrogate(study.trials, space, maximize=True)[-1]
+    assert imputed.value == min(float(t.value or 0.0) for t in trials)
+
+
+def test_next_side_reads_success_in_the_study_direction():
+    start = [_trial(i, float(i)) for i in range(4)]  # maximising: best so far 3.0
+    assert tr.next_side([*start, _trial(4, 5.0, 0.2)], maximize=True) == pytest.approx(0.4)
+    assert tr.next_side([*start, _trial(4, 5.0, 0.2)]) == pytest.approx(0.2)  # minimising

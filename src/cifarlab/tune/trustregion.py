@@ -51,18 +51,20 @@ def is_local(trial_number: int, n_startup: int, every: int = 2) -> bool:
     return every > 0 and guided >= 0 and guided % every != 0
 
 
-def next_side(completed: Sequence[FrozenTrial]) -> float:
+def next_side(completed: Sequence[FrozenTrial], maximize: bool = False) -> float:
     """The side of the next local box, from the completed trials (in trial order) and the sides
     their local steps recorded."""
     local = [t for t in completed if SIDE_ATTR in t.system_attrs]
     if not local:
         return SIDE_START
+    sign = -1.0 if maximize else 1.0  # losses: lower is better
     side = float(local[-1].system_attrs[SIDE_ATTR])
     failures = 0
     for step in reversed(local):
-        before = [t.value for t in completed if t.number < step.number and t.value is not None]
+        before = [sign * t.value for t in completed
+                  if t.number < step.number and t.value is not None]
         best = min(before) if before else math.inf
-        if step.value is not None and step.value < best - IMPROVEMENT * abs(best):
+        if step.value is not None and sign * step.value < best - IMPROVEMENT * abs(best):
             break
         failures += 1
     if failures == 0:
@@ -159,16 +161,18 @@ def posterior_centre(completed: list[FrozenTrial], values: np.ndarray,
 
 
 def narrow(trials: Sequence[FrozenTrial], observed: list[FrozenTrial],
-           search_space: dict[str, BaseDistribution], fitted: Any = None
+           search_space: dict[str, BaseDistribution], fitted: Any = None,
+           maximize: bool = False
            ) -> tuple[dict[str, BaseDistribution], list[FrozenTrial], float]:
     """A local step's search space, the observations its GP is fitted to, and its side:
     ``trials`` are the study's (in trial order), ``observed`` what the global GP would see;
     with ``fitted`` (the last global GP) the box is centred on the best posterior mean
-    (:func:`posterior_centre`), else on the best observation."""
+    (:func:`posterior_centre`), else on the best observation (the highest with ``maximize``).
+    """
     completed = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
                  and math.isfinite(t.value) and search_space.keys() <= t.params.keys()]
-    side = next_side(completed)
-    values = np.array([float(t.value or 0.0) for t in completed])
+    side = next_side(completed, maximize)
+    values = np.array([float(t.value or 0.0) for t in completed]) * (-1.0 if maximize else 1.0)
     centre = posterior_centre(completed, values, search_space, fitted)
     region = box(search_space, centre.params, side)
     return region, nearest(observed, region, search_space), side
