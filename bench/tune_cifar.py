@@ -201,7 +201,10 @@ def report(results: dict, a: argparse.Namespace, space) -> None:
                           ("cifarlab-ft", "cifarlab --sampler freeze-thaw"),
                           ("cifarlab-optuna-prior",
                            "cifarlab's GP sampler with Optuna's length-scale prior (until "
-                           "2026-11-27)")):
+                           "2026-11-27)"),
+                          ("cifarlab-mean-prior",
+                           "cifarlab's GP sampler with its prior mean at the losses' mean and "
+                           "no trust-region steps (until 2026-11-27, third session)")):
         seeds = [s for s in have[method] if s in have["baseline"]]
         if not seeds:
             continue
