@@ -150,3 +150,27 @@ def test_next_side_reads_success_in_the_study_direction():
     start = [_trial(i, float(i)) for i in range(4)]  # maximising: best so far 3.0
     assert tr.next_side([*start, _trial(4, 5.0, 0.2)], maximize=True) == pytest.approx(0.4)
     assert tr.next_side([*start, _trial(4, 5.0, 0.2)]) == pytest.approx(0.2)  # minimising
+
+
+def test_posterior_centre_passes_over_a_lucky_draw_in_a_bad_region():
+    """``trust_centre = "posterior"`` (a bo_suite candidate): the box goes to the completed trial
+    with the best posterior mean, not to one lucky observation among poor neighbours."""
+    import numpy as np
+
+    space = {"x": FloatDistribution(0.0, 1.0)}
+    rng = np.random.default_rng(0)
+    points = [(x, rng.normal(0.0, 0.1)) for x in np.linspace(0.1, 0.2, 10)]
+    points += [(x, 1.0 + rng.normal(0.0, 0.1)) for x in np.linspace(0.8, 0.9, 10)]
+    points.append((0.85, -0.35))  # the lucky draw: the best observation
+    sampler = make_sampler("gp", 0, 4)
+    assert isinstance(sampler, FailureAwareGPSampler)
+    sampler.trust_region = False
+    study = optuna.create_study(sampler=sampler)
+    for x, y in points:
+        study.add_trial(create_trial(params={"x": x}, distributions=space, value=y))
+    study.ask({"x": space["x"]})  # fits the global GP
+    fitted = sampler._gprs_cache_list[0]
+    completed = study.get_trials(states=(TrialState.COMPLETE,))
+    values = np.array([t.value for t in completed])
+    assert tr.posterior_centre(completed, values, space, None).params["x"] == 0.85
+    assert 0.1 <= tr.posterior_centre(completed, values, space, fitted).params["x"] <= 0.2

@@ -129,9 +129,10 @@ def outside(region: dict[str, BaseDistribution], full: dict[str, BaseDistributio
 def nearest(observed: list[FrozenTrial], region: dict[str, BaseDistribution],
             full: dict[str, BaseDistribution]) -> list[FrozenTrial]:
     """The observations inside ``region``, or the ``2·d`` nearest to it if fewer are."""
-    ranked = sorted(observed, key=lambda t: outside(region, full, t.params))
-    inside = [t for t in ranked if outside(region, full, t.params) == 0.0]
-    return inside if len(inside) >= 2 * len(full) else ranked[:2 * len(full)]
+    far = [outside(region, full, t.params) for t in observed]
+    order = sorted(range(len(observed)), key=far.__getitem__)
+    inside = [observed[i] for i in order if far[i] == 0.0]
+    return inside if len(inside) >= 2 * len(full) else [observed[i] for i in order[:2 * len(full)]]
 
 
 def posterior_centre(completed: list[FrozenTrial], values: np.ndarray,
