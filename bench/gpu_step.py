@@ -58,22 +58,16 @@ def _variant(model: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> N
                     setattr(mod, child_name, _AmaxPool(int(child.kernel_size)))  # type: ignore[arg-type]
                 elif isinstance(child, nn.AdaptiveMaxPool2d):
                     setattr(mod, child_name, _AmaxPool(None))
-    if "nsbf16" in name and isinstance(optimizer, Muon):
-        plain = optimizer._orthogonalize
-
-        def bf16(g: torch.Tensor, *args: object) -> torch.Tensor:
-            return plain(g.bfloat16(), *args).float()
-
-        optimizer._orthogonalize = bf16  # type: ignore[assignment]
     if "compile" in name:  # compile: true (Muon's Newton-Schulz is compiled by build_optimizer)
-        model.compile()
+        model.compile(mode="max-autotune-no-cudagraphs" if "autotune" in name else None)
 
 
 def time_mode(recipe: str, batch: int, graphed: bool, steps: int, n: int,
               variant: str = "") -> dict:
     device = torch.device("cuda")
-    cfg = default_config("airnet", recipe).with_values({"batch_size": batch, "seed": 0,
-                                                        "compile": "compile" in variant})
+    cfg = default_config("airnet", recipe).with_values(
+        {"batch_size": batch, "seed": 0, "compile": "compile" in variant,
+         "muon_ns_precision": "bf16" if "nsbf16" in variant else "fp32"})
     rng = np.random.default_rng(0)
     ds = Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                  rng.integers(0, 10, n).astype(np.int64), [str(i) for i in range(10)],
@@ -146,8 +140,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--variants", nargs="*", default=[""],
-                   help="trials: nsbf16 (Newton-Schulz in bf16), amaxpool (pooling by amax), "
-                        "compile (compile: true)")
+                   help="trials: nsbf16 (muon_ns_precision: bf16), amaxpool (pooling by "
+                        "amax), compile (compile: true), compile-autotune (and compile_mode: "
+                        "max-autotune-no-cudagraphs)")
     p.add_argument("--graphed-only", action="store_true")
     p.add_argument("--out", type=Path, default=Path("gpu-step.json"))
     a = p.parse_args()

@@ -66,6 +66,26 @@ def test_valid_devices_pass_validation(device):
     TrainConfig(device=device).validate()
 
 
+@pytest.mark.parametrize(("values", "message"), [
+    ({"compile": True, "compile_mode": "fast"}, "compile_mode must be one of default"),
+    ({"compile_mode": "max-autotune-no-cudagraphs"}, "needs compile: true"),
+    ({"compile": True, "cuda_graphs": True, "compile_mode": "reduce-overhead"},
+     "use max-autotune-no-cudagraphs"),
+    ({"optim": {"muon_ns_precision": "fp16"}}, "muon_ns_precision must be fp32 or bf16"),
+])
+def test_compile_mode_and_ns_precision_are_checked(values, message):
+    raw = TrainConfig().to_dict()
+    for key, value in values.items():
+        raw[key] = raw[key] | value if isinstance(value, dict) else value
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(raw).validate()
+
+
+def test_max_autotune_without_graphs_combines_with_cuda_graphs():
+    TrainConfig(compile=True, cuda_graphs=True,
+                compile_mode="max-autotune-no-cudagraphs").validate()
+
+
 def test_validation_split_scales_with_the_dataset():
     assert default_val_size(50_000) == 5000
     assert default_val_size(45_000) == 4500

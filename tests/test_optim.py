@@ -152,3 +152,45 @@ def test_filter_banks_of_one_shape_step_as_if_each_were_alone():
             opt.step()
     for c, a in zip(convs, alone, strict=True):
         assert torch.allclose(c.weight, a.weight, atol=1e-5)
+
+
+def test_bf16_newton_schulz_takes_nearly_the_fp32_step():
+    """ns_precision "bf16" (airbench94_muon's arithmetic) runs the iteration in bf16: the step
+    stays within bf16's rounding of the fp32 one, in the parameter's own dtype."""
+    torch.manual_seed(5)
+    w0 = torch.randn(16, 8, 3, 3)
+    grad = torch.randn_like(w0)
+    steps = {}
+    for precision in ("fp32", "bf16"):
+        w = torch.nn.Parameter(w0.clone())
+        w.grad = grad.clone()
+        Muon([w], lr=1.0, momentum=0.6, ns_steps=3, ns_precision=precision).step()
+        assert w.dtype == torch.float32
+        steps[precision] = (w0 - w.detach()).reshape(16, -1)
+    rel = (steps["bf16"] - steps["fp32"]).norm() / steps["fp32"].norm()
+    assert 0 < rel < 0.05, rel
+    with pytest.raises(ValueError, match="ns_precision"):
+        Muon([torch.nn.Parameter(w0.clone())], ns_precision="fp16")
+
+
+def test_muon_state_saved_before_ns_precision_still_steps():
+    """A checkpoint written before ns_precision existed has groups without it: loading one
+    steps in fp32, as it did when it was saved."""
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    opt = Muon([w], lr=0.1)
+    old = opt.state_dict()
+    del old["param_groups"][0]["ns_precision"]
+    fresh = Muon([w], lr=0.1, ns_precision="bf16")
+    fresh.load_state_dict(old)
+    w.grad = torch.randn_like(w)
+    fresh.step()
+    assert torch.isfinite(w).all()
+
+
+def test_muon_recipe_passes_ns_precision_to_the_filter_group():
+    from cifarlab.models import create_model, default_config
+    from cifarlab.optim import build_optimizer
+
+    cfg = default_config("airnet", "airbench94-muon").with_values({"muon_ns_precision": "bf16"})
+    opt, _ = build_optimizer(create_model("airnet", 10, 0.25), cfg, total_steps=10)
+    assert [g["ns_precision"] for g in opt.param_groups if g["muon"]] == ["bf16"]

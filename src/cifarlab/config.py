@@ -32,6 +32,7 @@ __all__ = [
 # What `device` accepts (checked here, before anything runs; availability is checked when the
 # device is resolved).
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -66,6 +67,9 @@ class OptimConfig:
     optimizer: str = "sgd"
     muon_lr: float = 0.24  # per step: an orthogonalized update has a fixed size
     muon_momentum: float = 0.6  # Nesterov
+    # the arithmetic of Muon's Newton–Schulz iteration: fp32, or bf16 as airbench94_muon does
+    # (cheaper on a GPU; the iteration only needs singular values near 1, not exact ones)
+    muon_ns_precision: str = "fp32"
 
 
 @dataclass
@@ -96,6 +100,10 @@ class TrainConfig:
     # torch.compile the model (PyTorch models only): fewer, fused kernels per step, for a
     # compile of tens of seconds at the start of the run (and again for evaluation shapes)
     compile: bool = False
+    # torch.compile's mode: default, max-autotune-no-cudagraphs (times Triton's kernels against
+    # cuDNN's for each layer shape: minutes of compiling), or, without cuda_graphs: true,
+    # reduce-overhead and max-autotune (which capture graphs of their own)
+    compile_mode: str = "default"
     # capture the training step as a CUDA graph and replay it (CUDA only; a no-op elsewhere):
     # one launch per step instead of hundreds, for small nets whose eager steps are bound by
     # the CPU's dispatching (cifarlab.step). PyTorch models; with compile: true the graph
@@ -153,6 +161,8 @@ class TrainConfig:
             (self.optim.optimizer in ("sgd", "muon"), "optim.optimizer must be sgd or muon"),
             (self.optim.muon_lr > 0, "optim.muon_lr must be > 0"),
             (0 <= self.optim.muon_momentum < 1, "optim.muon_momentum must be in [0, 1)"),
+            (self.optim.muon_ns_precision in ("fp32", "bf16"),
+             "optim.muon_ns_precision must be fp32 or bf16"),
             (0 <= self.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
             (0 <= self.optim.warmup_frac < 1, "optim.warmup_frac must be in [0, 1)"),
             (self.width > 0, "width must be > 0"),
@@ -165,6 +175,13 @@ class TrainConfig:
             (self.aug.translate >= 0, "aug.translate must be >= 0"),
             (self.aug.cutout >= 0, "aug.cutout must be >= 0"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+            (self.compile_mode in COMPILE_MODES,
+             f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
+            (self.compile or self.compile_mode == "default",
+             f"compile_mode {self.compile_mode} needs compile: true"),
+            (not (self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune")),
+             f"compile_mode {self.compile_mode} captures CUDA graphs of its own, which "
+             "cuda_graphs: true does for the whole step; use max-autotune-no-cudagraphs"),
             (self.tta in (0, 1, 2), "tta must be 0, 1 or 2"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (bool(DEVICE_PATTERN.fullmatch(self.device)),

@@ -80,7 +80,8 @@ def _build_muon(model: nn.Module, cfg: TrainConfig, lr: float, wd: float,
     nesterov = o.momentum > 0
     groups: list[dict[str, Any]] = [dict(params=filters, lr=o.muon_lr, momentum=o.muon_momentum,
                                          weight_decay=0.0, ns_steps=3, normalize=True,
-                                         muon=True, nesterov=True)]
+                                         muon=True, nesterov=True,
+                                         ns_precision=o.muon_ns_precision)]
     lr_b = lr * o.bias_scaler
     for params, group_lr in ((matrices, lr), (vectors, lr_b)):
         if params:
@@ -88,6 +89,9 @@ def _build_muon(model: nn.Module, cfg: TrainConfig, lr: float, wd: float,
                                weight_decay=wd / group_lr, muon=False, nesterov=nesterov))
     opt = Muon(groups, compiled=bool(filters) and cfg.compile and filters[0].is_cuda)
     return opt, triangle_schedule(opt, cfg, total_steps)
+
+
+_NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def triangle_schedule(
@@ -167,19 +171,21 @@ class Muon(torch.optim.Optimizer):
     ``lr`` times that. Decoupled weight decay shrinks the weights by ``lr·weight_decay``.
     ``normalize`` rescales each filter bank to Frobenius norm √rows before its step (airbench94's
     Muon recipe): for filters that feed a normalization layer only the direction matters, and a
-    fixed norm keeps the effective step size fixed.
+    fixed norm keeps the effective step size fixed. ``ns_precision`` is the arithmetic of the
+    iteration: "fp32", or "bf16" (airbench94_muon's; cheaper where bf16 units are).
     """
 
     def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = QUINTIC, muon: bool = True,
-                 normalize: bool = False, compiled: bool = False):
-        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
+                 normalize: bool = False, compiled: bool = False, ns_precision: str = "fp32"):
+        if (lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1
+                or ns_precision not in _NS_DTYPES):
             raise ValueError("Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0, "
-                             "ns_steps >= 1")
+                             "ns_steps >= 1 and ns_precision fp32 or bf16")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, ns_coefficients=ns_coefficients, muon=muon,
-                        normalize=normalize)
+                        normalize=normalize, ns_precision=ns_precision)
         super().__init__(params, defaults)
         # torch.compile'd Newton–Schulz (as airbench94_muon does): one fused kernel per
         # elementwise step instead of one per operation, for launch-bound GPU steps
@@ -257,8 +263,9 @@ class Muon(torch.optim.Optimizer):
         for p, update in zip(params, updates, strict=True):
             by_shape.setdefault(tuple(p.shape), []).append((p, update))
         for same in by_shape.values():  # filter banks of one shape: one batched iteration
-            stack = torch.stack([u.reshape(len(u), -1) for _, u in same]).float()
-            ortho = self._orthogonalize(stack, group["ns_steps"], group["ns_coefficients"])
+            stack = torch.stack([u.reshape(len(u), -1) for _, u in same])
+            ortho = self._orthogonalize(stack.to(_NS_DTYPES[group.get("ns_precision", "fp32")]), group["ns_steps"],
+                                        group["ns_coefficients"])
             ortho *= max(1.0, stack.shape[1] / stack.shape[2]) ** 0.5
             banks = [p for p, _ in same]
             for p in banks:

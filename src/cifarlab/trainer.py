@@ -130,7 +130,8 @@ def _train(config: TrainConfig, callbacks: list[Callback], data: SplitData | Non
         if isinstance(model, KerasModule):
             raise ConfigError("compile: true compiles a PyTorch module; a Keras model runs "
                               "through cifarlab.kerasfast instead. Set compile: false.")
-        model.compile()  # in place: the state_dict keeps its names
+        # in place: the state_dict keeps its names
+        model.compile(mode=None if config.compile_mode == "default" else config.compile_mode)
     norm = Normalizer(data.mean, data.std, device)
     loader = DeviceLoader(data.train, config, norm, device)
     steps_per_epoch = max(1, len(loader))
