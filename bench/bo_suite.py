@@ -46,13 +46,15 @@ CANDIDATES = ("cifarlab-gp-global", "cifarlab-gp-tr-mean", "cifarlab-gp-mean-pri
 PEERS = ("hebo", "skopt")
 
 
-def make(name: str, seed: int, n_trials: int):
+def make(name: str, seed: int, n_trials: int, noisy: bool = False):
     import optuna
 
     from cifarlab.tune.samplers import default_startup, log_prior, make_sampler
 
     if name.startswith("cifarlab-gp"):
-        sampler = make_sampler("gp", seed, default_startup(n_trials))
+        # the shipped sampler is told whether the objective is noisy, as its API allows
+        sampler = make_sampler("gp", seed, default_startup(n_trials),
+                               noisy=noisy and name == "cifarlab-gp")
         sampler.input_warping = name == "cifarlab-gp-warp"  # type: ignore[attr-defined]
         sampler.reflect = name.endswith("reflect")  # type: ignore[attr-defined]
         sampler.startup_per_dimension = name == "cifarlab-gp-d1"  # type: ignore[attr-defined]
@@ -105,7 +107,8 @@ def run_optuna(problem: Problem, sname: str, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(sampler=make(sname, seed, problem.budget))
+    study = optuna.create_study(sampler=make(sname, seed, problem.budget,
+                                             noisy=problem.kind == "noisy"))
     rng = np.random.default_rng(seed + 1000)  # the noise: the same draws for every sampler
     seconds, failed, at_bound = 0.0, 0, 0
     floats = [(p[0], p[2], p[3]) for p in problem.params if p[1] == "float"]

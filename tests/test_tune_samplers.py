@@ -134,7 +134,7 @@ def test_unknown_names():
 
 
 def test_output_warping_is_monotone_and_pulls_in_long_tails():
-    from cifarlab.tune.samplers import warp_values
+    from cifarlab.tune.warping import warp_values
 
     y = np.array([0.5, 0.6, 0.55, 0.7, 0.52, 900.0, 0.58])  # one diverged trial
     w = warp_values(y)

@@ -91,13 +91,18 @@ def test_local_trials_record_their_side_and_lie_in_the_box_around_the_incumbent(
         assert tr.outside(region, space, t.params) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_without_the_trust_region_no_trial_is_local():
-    sampler = make_sampler("gp", 0, 4)
+@pytest.mark.parametrize("how", ["trust_region off", "declared noisy"])
+def test_without_the_trust_region_no_trial_is_local(how):
+    """No local steps with the trust region off, nor for an objective declared noisy (their
+    centre, the best observation, is often a lucky draw there)."""
+    sampler = make_sampler("gp", 0, 4, noisy=how == "declared noisy")
     assert isinstance(sampler, FailureAwareGPSampler)
-    sampler.trust_region = False
+    if how == "trust_region off":
+        sampler.trust_region = False
     study = optuna.create_study(sampler=sampler)
     study.optimize(_ripples, n_trials=9)
     assert not any(tr.SIDE_ATTR in t.system_attrs for t in study.trials)
+    assert len({tuple(t.params.values()) for t in study.trials}) == 9  # it still samples
 
 
 def test_nearest_takes_the_points_inside_or_the_two_d_closest():

@@ -263,9 +263,10 @@ class Muon(torch.optim.Optimizer):
         for p, update in zip(params, updates, strict=True):
             by_shape.setdefault(tuple(p.shape), []).append((p, update))
         for same in by_shape.values():  # filter banks of one shape: one batched iteration
-            stack = torch.stack([u.reshape(len(u), -1) for _, u in same])
-            ortho = self._orthogonalize(stack.to(_NS_DTYPES[group.get("ns_precision", "fp32")]), group["ns_steps"],
-                                        group["ns_coefficients"])
+            # (groups saved before ns_precision existed step in fp32, as they did then)
+            dtype = _NS_DTYPES[group.get("ns_precision", "fp32")]
+            stack = torch.stack([u.reshape(len(u), -1) for _, u in same]).to(dtype)
+            ortho = self._orthogonalize(stack, group["ns_steps"], group["ns_coefficients"])
             ortho *= max(1.0, stack.shape[1] / stack.shape[2]) ** 0.5
             banks = [p for p, _ in same]
             for p in banks:

@@ -12,7 +12,8 @@ last validation loss it reported, so the surrogate learns where not to go.
 Six more departures, each measured in ``bench/bo_suite.py`` (docs/BENCHMARKS.md):
 
 * **Trust region.** Every other model-guided trial is local: a GP fitted near the incumbent,
-  searched in a box around it that shrinks where such steps fail (:mod:`.trustregion`).
+  searched in a box around it that shrinks where such steps fail (:mod:`.trustregion`); none
+  for an objective declared noisy, whose best observation is often a lucky draw.
 * **Prior mean.** The GP's zero sits at a poor quantile of the losses, not at their mean, so
   unexplored space is not predicted to be an average trial (:mod:`cifarlab.tune.priormean`).
 
@@ -55,7 +56,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cifarlab.tune.priormean import PRIOR_MEAN_QUANTILE, sample_relative_impl
 from cifarlab.tune.trustregion import SIDE_ATTR, is_local, narrow, perturb
-from cifarlab.tune.warping import InputWarp, fit_input_warp
+from cifarlab.tune.warping import InputWarp, fit_input_warp, warp_observations, warp_values
 
 __all__ = [
     "PRUNERS",
@@ -136,6 +137,7 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
     prior_mean_quantile: float | None = PRIOR_MEAN_QUANTILE
     trust_region = True  # every other model-guided trial is local (cifarlab.tune.trustregion)
     trust_centre = "observed"  # its box around the best observation, or "posterior" mean
+    noisy = False  # declared noisy: no local steps (the best observation is often a lucky draw)
     reflect = False  # local candidates reflected at the box's faces instead of clipped onto them
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -213,7 +215,8 @@ class FailureAwareGPSampler(optuna.samplers.GPSampler):
         if len(observed) < startup:
             return {}
         region, local = search_space, (  # (an enqueued trial's parameters are fixed)
-            self.trust_region and not self.input_warping and is_local(trial.number, startup)
+            self.trust_region and not (self.input_warping or self.noisy)
+            and is_local(trial.number, startup)
             and "fixed_params" not in trial.system_attrs and len(study.directions) == 1)
         if local:
             fitted = (self._gprs_cache_list[0] if self.trust_centre == "posterior"
@@ -284,34 +287,6 @@ def observations_for_surrogate(
     return out
 
 
-def warp_values(values: np.ndarray) -> np.ndarray:
-    """Standardize, then Yeo-Johnson with the maximum-likelihood lambda; values unchanged when
-    there are too few or the fit fails. Monotone increasing, so minima stay minima."""
-    from scipy.stats import yeojohnson
-
-    y = np.asarray(values, dtype=float)
-    if len(y) < 4 or not np.all(np.isfinite(y)) or y.std() == 0:
-        return y
-    z = (y - y.mean()) / y.std()
-    try:
-        with np.errstate(all="ignore"):
-            warped, _ = yeojohnson(z)
-    except (ValueError, FloatingPointError, OverflowError):
-        return y
-    warped = np.asarray(warped, dtype=float)
-    if not np.all(np.isfinite(warped)) or warped.std() == 0:
-        return y
-    return warped
-
-
-def warp_observations(observed: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The same trials with their values passed through :func:`warp_values`."""
-    values = warp_values(np.array([t.value for t in observed], dtype=float))
-    return [optuna.trial.create_trial(state=TrialState.COMPLETE, value=float(v), params=t.params,
-                                      distributions=t.distributions)
-            for t, v in zip(observed, values, strict=True)]
-
-
 def recommend(study: optuna.Study, noisy: bool = False) -> FrozenTrial:
     """The completed trial the study recommends: with ``noisy``, the lowest GP posterior mean of
     the warped loss among completed trials (its best observation while the GP cannot be
@@ -332,14 +307,18 @@ def recommend(study: optuna.Study, noisy: bool = False) -> FrozenTrial:
     return done[int(np.argmin(mean))]
 
 
-def make_sampler(name: str, seed: int | None, n_startup: int) -> optuna.samplers.BaseSampler:
-    """``gp`` (cifarlab's failure-aware GP), ``tpe`` or ``random``, all seeded
+def make_sampler(name: str, seed: int | None, n_startup: int,
+                 noisy: bool = False) -> optuna.samplers.BaseSampler:
+    """``gp`` (cifarlab's failure-aware GP; ``noisy``: the objective is declared noisy, see
+    :attr:`FailureAwareGPSampler.noisy`), ``tpe`` or ``random``, all seeded
     (``freeze-thaw``: see :mod:`cifarlab.tune.mfstudy`)."""
     if name == "gp":
-        return FailureAwareGPSampler(
+        gp_sampler = FailureAwareGPSampler(
             seed=seed, n_startup_trials=n_startup,
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
             warn_independent_sampling=False)
+        gp_sampler.noisy = noisy
+        return gp_sampler
     if name == "tpe":
         # constant_liar: running trials count as bad, so parallel workers spread out
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup,

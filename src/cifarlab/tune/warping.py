@@ -1,4 +1,6 @@
-"""Input warping for the GP sampler: each continuous parameter passes through a Kumaraswamy CDF,
+"""Input and output warping for the GP sampler.
+
+Input warping: each continuous parameter passes through a Kumaraswamy CDF,
 ``w(u) = 1 - (1 - u**a)**b`` on its normalized coordinate ``u`` in [0, 1], with ``a`` and ``b``
 fitted with the kernel by maximum marginal likelihood (Snoek et al. 2014; BoTorch's ``Warp``,
 and HEBO's GP, whose log-normal prior on ``a`` and ``b`` is used here).
@@ -29,9 +31,10 @@ from optuna._gp import prior
 from optuna._gp.gp import GPRegressor
 from optuna._gp.search_space import SearchSpace as GPSpace
 from optuna.distributions import BaseDistribution
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["InputWarp", "fit_input_warp", "kumaraswamy", "kumaraswamy_inverse"]
+__all__ = ["InputWarp", "fit_input_warp", "kumaraswamy", "kumaraswamy_inverse",
+           "warp_observations", "warp_values"]
 
 EPS = 1e-6
 LOG_CONCENTRATION_VAR = 0.75  # the prior on log a and log b: N(0, 0.75), as BoTorch and HEBO
@@ -153,3 +156,35 @@ def fit_input_warp(x: np.ndarray, y: np.ndarray, space: dict[str, BaseDistributi
     a = np.exp(res.x[d + 2 : d + 2 + k])
     b = np.exp(res.x[d + 2 + k :])
     return InputWarp(dict(space), dims, a, b)
+
+
+# Output warping: the losses pass through a power transform before the GP sees them (HEBO's
+# Yeo-Johnson; the "Output warping" of cifarlab.tune.samplers).
+
+
+def warp_values(values: np.ndarray) -> np.ndarray:
+    """Standardize, then Yeo-Johnson with the maximum-likelihood lambda; values unchanged when
+    there are too few or the fit fails. Monotone increasing, so minima stay minima."""
+    from scipy.stats import yeojohnson
+
+    y = np.asarray(values, dtype=float)
+    if len(y) < 4 or not np.all(np.isfinite(y)) or y.std() == 0:
+        return y
+    z = (y - y.mean()) / y.std()
+    try:
+        with np.errstate(all="ignore"):
+            warped, _ = yeojohnson(z)
+    except (ValueError, FloatingPointError, OverflowError):
+        return y
+    warped = np.asarray(warped, dtype=float)
+    if not np.all(np.isfinite(warped)) or warped.std() == 0:
+        return y
+    return warped
+
+
+def warp_observations(observed: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The same trials with their values passed through :func:`warp_values`."""
+    values = warp_values(np.array([t.value for t in observed], dtype=float))
+    return [optuna.trial.create_trial(state=TrialState.COMPLETE, value=float(v), params=t.params,
+                                      distributions=t.distributions)
+            for t, v in zip(observed, values, strict=True)]
