@@ -355,6 +355,11 @@ def doctor(model: str, recipe: str | None, config_file: Path | None, data: Path 
 @click.option("--val-size", type=click.IntRange(1), default=None,
               help="Validation images taken from train [default: 10% of it, at most 5000].")
 @click.option("-q", "--quiet", is_flag=True, help="No live table of trials.")
+@click.option("--deterministic-objective", is_flag=True,
+              help="The objective repeats exactly for a configuration: let the GP sampler take "
+                   "trust-region steps (local searches around the best trial). Off by default: "
+                   "a training run's validation loss is noisy, and a local step centred on a "
+                   "lucky draw is wasted.")
 @click.option("--tensorboard", is_flag=True,
               help="Write each trial's TensorBoard event files into STUDY/tensorboard/ "
                    "(trial-N, target-N); needs cifarlab[tensorboard].")
@@ -366,7 +371,7 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
          devices: str | None, timeout: float | None, seed: int, heartbeat: int,
          data: Path | None,
          image_size: int | None, skip_bad: bool, val_size: int | None, quiet: bool,
-         tensorboard: bool) -> None:
+         deterministic_objective: bool, tensorboard: bool) -> None:
     """Find hyperparameters by Bayesian optimization of a validation loss (--metric).
 
     Runs a study (or resumes the one in --study-dir, or joins the one in --storage), prints a
@@ -405,7 +410,8 @@ def tune(ctx: click.Context, name: str | None, study_dir: Path | None, space_fil
     cfg.val_size = val_size
     settings = TuneSettings(
         study_dir=study_dir, study_name=name, storage=storage, n_trials=n_trials,
-        sampler=sampler, pruner=pruner, n_startup=startup, seed=seed, workers=workers,
+        sampler=sampler, noisy=not deterministic_objective, pruner=pruner, n_startup=startup,
+        seed=seed, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
         timeout=timeout, data=cfg, quiet=quiet, heartbeat_interval=heartbeat,
         grace_period=3 * heartbeat, target_epochs=target_epochs, top_k=top_k,

@@ -39,6 +39,10 @@ class TuneSettings:
     storage: str | None = None  # default: sqlite:///<study_dir>/study.db
     n_trials: int = 20  # finished trials (complete, pruned or failed) the study aims for
     sampler: str = "gp"
+    # a training run's validation loss is noisy (another seed, another loss): the GP sampler
+    # then takes no trust-region steps (cifarlab.tune.samplers); False for an objective that
+    # repeats exactly and may have ripples finer than a global GP resolves
+    noisy: bool = True
     pruner: str = "median"
     n_startup: int | None = None  # random trials before the surrogate; default_startup()
     seed: int = 0

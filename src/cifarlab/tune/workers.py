@@ -229,7 +229,7 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
     study = optuna.load_study(
         study_name=settings.name,
         storage=storage,
-        sampler=make_sampler(settings.sampler, seed, n_startup),
+        sampler=make_sampler(settings.sampler, seed, n_startup, noisy=settings.noisy),
         pruner=make_pruner("none" if study_sampler(study0) == FREEZE_THAW else settings.pruner,
                            math.ceil(space.fidelity.epochs)),
     )
