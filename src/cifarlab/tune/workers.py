@@ -103,7 +103,8 @@ def _create_or_join(settings: TuneSettings, space: SearchSpace | None) -> optuna
         study.set_user_attr(SPACE_ATTR, space.to_dict())
         study.set_user_attr(METRIC_ATTR, get_metric(settings.metric or DEFAULT_METRIC).name)
         study.set_user_attr(SETTINGS_ATTR, {
-            "sampler": settings.sampler, "pruner": settings.pruner, "seed": settings.seed,
+            "sampler": settings.sampler, "noisy": settings.noisy, "pruner": settings.pruner,
+            "seed": settings.seed,
             "cifarlab": __version__, "optuna": optuna.__version__})
     elif space is not None and stored != space.to_dict():
         raise StudyError(
