@@ -101,7 +101,8 @@ class TabularProblem:
     def __init__(self, path: Path, budget: float = 30.0) -> None:
         from optuna._gp.search_space import SearchSpace as GPSpace
 
-        from cifarlab.tune.mfstudy import distributions
+        from cifarlab.models import default_config
+        from cifarlab.tune.mfstudy import distributions, progress_of
         from cifarlab.tune.space import SearchSpace
 
         table = json.loads(path.read_text())
@@ -117,6 +118,8 @@ class TabularProblem:
         self.fmin = float(self.loss[:, -1].min())
         self.points = self.loss.shape[1]
         self.target = table["target"]
+        # budget as the recorded runs' schedule progress, as a study measures it
+        self.progress = progress_of(space, default_config(space.fidelity.model), gp)
 
     def value(self, u: np.ndarray, b: float) -> float:
         i = int(np.argmin(np.sum((self.x - np.asarray(u, dtype=float)) ** 2, axis=1)))
@@ -161,7 +164,8 @@ def run_freezethaw(problem: MFProblem | TabularProblem, seed: int, kernel: str =
 
     r = Replay(problem)
     policy = FreezeThaw(RUNGS, lambda rng, n: rng.random_sample((n, problem.dims)),
-                        n_startup=max(5, problem.dims + 2), seed=seed, kernel=kernel)
+                        n_startup=max(5, problem.dims + 2), seed=seed, kernel=kernel,
+                        progress=getattr(problem, "progress", None))
     curves: list[Curve] = []
     cost = CostModel(rate=1.0)  # the replay's seconds are budget units: no overhead to learn
     while not r.out:
@@ -233,13 +237,21 @@ def regret_at(trace: list[list[float]], c: float) -> float:
     return min(reg) if reg else math.inf
 
 
+def _seeds_run(results: dict, pname: str, method: str) -> int:
+    n = 0
+    while f"{pname}/{method}/{n}" in results:
+        n += 1
+    return n
+
+
 def report(results: dict, problems: list[str], methods: list[str], seeds: int) -> None:
     lines = [
         "## Multi-fidelity samplers, replayed (`bench/mf_replay.py`)",
         "",
         f"Machine: {machine()}. Rungs {', '.join(f'{b:.3g}' for b in RUNGS)} of the target "
-        f"budget; {seeds} seeds; regret at the target of the best configuration that reached it. "
-        "Median over seeds at half and all of the compute (target-budget units), and the "
+        f"budget; at least {seeds} seeds (each problem's count in its heading: every method's "
+        "runs of seeds 0 to n-1 that all the methods have); regret at the target of the best "
+        "configuration that reached it. Median over seeds at half and all of the compute (target-budget units), and the "
         "compute at which the median regret first reaches the best peer's final median.",
         "",
     ]
@@ -248,11 +260,15 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
         grid = np.linspace(0, p.budget, 201)
         med: dict[str, np.ndarray] = {}
         secs: dict[str, float] = {}
+        final: dict[str, np.ndarray] = {}  # each seed's regret at the end
+        counts = [n for n in (_seeds_run(results, pname, m) for m in methods) if n >= seeds]
+        n_seeds = min(counts) if counts else seeds
         for m in methods:
-            runs = [results.get(f"{pname}/{m}/{s}") for s in range(seeds)]
+            runs = [results.get(f"{pname}/{m}/{s}") for s in range(n_seeds)]
             if any(x is None for x in runs):
                 continue
             med[m] = np.median([[regret_at(x["trace"], c) for c in grid] for x in runs], axis=0)
+            final[m] = np.array([regret_at(x["trace"], p.budget) for x in runs])
             secs[m] = float(np.median([x["seconds"] for x in runs]))
         if not med:
             continue
@@ -262,15 +278,17 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
                 f"{p.target['width']:g}, {p.target['epochs']:g} epochs on "
                 f"{p.target['train_fraction']:g} of the training split, validation on "
                 f"{p.target['val_size']} images" if isinstance(p, TabularProblem) else "")
-        lines += [f"**{pname}** (budget {p.budget:g}{what})", "",
+        lines += [f"**{pname}** (budget {p.budget:g}, {n_seeds} seeds{what})", "",
                   "| method | regret at half | regret at end | reaches best peer's final at | "
-                  "s per run |", "|---|---:|---:|---:|---:|"]
+                  "mean regret at end | seeds ending on the best | s per run |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for m, curve in med.items():
             reach = "–"
             if best_peer is not None:
                 hit = np.nonzero(curve <= med[best_peer][-1])[0]
                 reach = f"{grid[hit[0]]:.1f}" if len(hit) else "never"
             lines.append(f"| {m} | {curve[100]:.4g} | {curve[-1]:.4g} | {reach} | "
+                         f"{np.mean(final[m]):.4g} | {int(np.sum(final[m] <= 1e-12))} | "
                          f"{secs[m]:.1f} |")
         lines.append("")
     publish("mf-replay", lines)

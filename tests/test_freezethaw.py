@@ -183,3 +183,97 @@ def test_every_candidate_is_snapped_onto_the_spaces_steps() -> None:
               for x in gp_space.sample_normalized_params(12, rng)]
     d = policy.decide(curves, CostModel())
     assert seen == [policy.n_candidates + policy.n_candidates // 4] and contained(d.x)
+
+
+# ------------------------------------------------------------------ budget as schedule progress
+
+
+def test_schedule_progress_is_the_share_of_the_schedules_rates_spent() -> None:
+    from cifarlab.config import TrainConfig
+    from cifarlab.optim import schedule_factor, schedule_progress
+
+    total = 9000
+    for warmup, start, end in ((0.0, 0.2, 0.07), (0.23, 0.2, 0.07), (0.5, 0.0, 1.0), (1.0, 0.1, 0.0)):
+        cfg = TrainConfig().with_values({"optim.warmup_frac": warmup, "optim.lr_start": start,
+                                         "optim.lr_end": end})
+        rates = np.cumsum([schedule_factor(cfg, total)(i) for i in range(total)])
+        for b in (1 / 9, 1 / 3, 0.5, 0.9):
+            spent = rates[round(b * total) - 1] / rates[-1]
+            assert schedule_progress(b, warmup, start, end) == pytest.approx(spent, abs=2e-3)
+        assert schedule_progress(1.0, warmup, start, end) == pytest.approx(1.0)
+    b = np.linspace(0.01, 1, 50)
+    assert np.all(np.diff(schedule_progress(b, 0.3, 0.2, 0.07)) > 0)
+    # a long warm-up has spent less of its rates after the same share of its steps
+    assert schedule_progress(1 / 9, 0.5, 0.2, 0.07) < schedule_progress(1 / 9, 0.0, 0.2, 0.07) / 2
+
+
+def test_the_policy_measures_budget_by_progress_and_answers_on_its_scale() -> None:
+    def progress(x: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(b, dtype=float) ** (1.0 + x[:, 0])  # slower for larger x[0]
+
+    rng = np.random.RandomState(3)
+    curves = [Curve(x=x, budgets=list(RUNGS), values=[truth(x, b) for b in RUNGS], state=DONE)
+              for x in rng.random_sample((10, 2))]
+    policy = FreezeThaw(RUNGS, lambda r, n: r.random_sample((n, 2)), seed=0, progress=progress)
+    with pytest.raises(RuntimeError, match="before fit"):
+        policy.predict(curves[0].x)
+    model = policy.fit(curves)
+    assert model is not None
+    xs = np.array([c.x for c in curves])
+    assert model.min_budget == pytest.approx(progress(xs, np.full(len(xs), RUNGS[0])).min())
+    for b in (RUNGS[0], 0.5):
+        got = policy.predict(xs, b)
+        want = model.predict(xs, progress(xs, np.full(len(xs), b)))
+        np.testing.assert_allclose(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1])
+    np.testing.assert_allclose(policy.predict(xs, 1.0)[0], model.predict(xs, 1.0)[0])
+
+
+def test_losses_are_warped_before_the_fit_unless_turned_off() -> None:
+    from cifarlab.tune.warping import warp_values
+
+    rng = np.random.RandomState(5)
+    curves = [Curve(x=x, budgets=[1.0], values=[math.exp(8 * x[0])], state=DONE)  # 1 to 3000
+              for x in rng.random_sample((12, 2))]
+    ys = np.array([c.values[0] for c in curves])
+    xs = np.array([c.x for c in curves])
+    for warp, scale in ((True, warp_values(ys)), (False, ys)):
+        policy = FreezeThaw(RUNGS, lambda r, n: r.random_sample((n, 2)), seed=0, warp=warp)
+        policy.fit(curves)
+        mean, _ = policy.predict(xs, 1.0)
+        # the model interpolates its observations, on the warped scale when warping
+        assert np.corrcoef(mean, scale)[0, 1] > 0.99
+        assert int(np.argmin(mean)) == int(np.argmin(ys))
+
+
+def test_a_studys_progress_reads_the_schedule_from_each_row_or_the_base() -> None:
+    from pathlib import Path
+
+    from optuna._gp.search_space import SearchSpace as GPSpace
+
+    from cifarlab.models import default_config
+    from cifarlab.optim import schedule_progress
+    from cifarlab.tune.mfstudy import progress_of
+    from cifarlab.tune.space import SearchSpace
+
+    base = default_config("airnet")
+    space = load_space(Path(__file__).resolve().parent.parent / "examples/demo-space.yaml")
+    gp_space = GPSpace(distributions(space))
+    rows = gp_space.get_normalized_params(
+        [None, None],  # type: ignore[list-item]
+        [{"lr": 10.0, "weight_decay": 0.01, "momentum": 0.9, "label_smoothing": 0.1,
+          "warmup_frac": w, "cutout": 4} for w in (0.0, 0.5)])
+    cfg = space.base_config(base)
+    got = progress_of(space, base, gp_space)(rows, np.full(2, 1 / 9))
+    want = schedule_progress(1 / 9, np.array([0.0, 0.5]), cfg.optim.lr_start, cfg.optim.lr_end)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[1] < got[0]
+    # a space that does not search the schedule: the base config's, the same for every row
+    plain = SearchSpace.from_dict({"params": {"lr": {"type": "float", "low": 1.0, "high": 40.0,
+                                                      "log": True}}})
+    plain_gp = GPSpace(distributions(plain))
+    x = plain_gp.get_normalized_params([None, None], [{"lr": 2.0}, {"lr": 30.0}])  # type: ignore[list-item]
+    pcfg = plain.base_config(base)
+    np.testing.assert_allclose(
+        progress_of(plain, base, plain_gp)(x, np.full(2, 1 / 3)),
+        schedule_progress(1 / 3, pcfg.optim.warmup_frac, pcfg.optim.lr_start, pcfg.optim.lr_end))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,7 +18,8 @@ from cifarlab.config import TrainConfig
 from cifarlab.errors import ConfigError
 from cifarlab.kerasnet import KerasModule
 
-__all__ = ["QUINTIC", "Lookahead", "Muon", "build_optimizer", "orthogonalize", "triangle_schedule"]
+__all__ = ["QUINTIC", "Lookahead", "Muon", "build_optimizer", "orthogonalize", "schedule_progress",
+           "triangle_schedule"]
 
 
 def build_optimizer(
@@ -113,6 +115,28 @@ def schedule_factor(cfg: TrainConfig, total: int) -> Callable[[int], float]:
         return 1 + (o.lr_end - 1) * min(1.0, (step - peak) / max(1, total - peak))
 
     return factor
+
+
+def schedule_progress(fraction: np.ndarray | float, warmup_frac: np.ndarray | float,
+                      lr_start: np.ndarray | float, lr_end: np.ndarray | float) -> np.ndarray:
+    """How far along its learning-rate schedule a run is after ``fraction`` of its steps: the
+    share of the triangular schedule's area (the sum of its rates) spent so far, in (0, 1], 1 at
+    the end. Elementwise over arrays. A run with a long warm-up has spent little of its rate
+    after a ninth of its steps, one without warm-up much more; the learning-curve model of a
+    freeze-thaw study measures budget this way, so that it compares runs equally far along."""
+    b = np.clip(np.asarray(fraction, dtype=float), 0.0, 1.0)
+    w = np.clip(np.asarray(warmup_frac, dtype=float), 1e-9, 1.0)
+    ls, le = np.asarray(lr_start, dtype=float), np.asarray(lr_end, dtype=float)
+
+    def area(t: np.ndarray) -> np.ndarray:  # of the piecewise-linear (0, ls), (w, 1), (1, le)
+        up_t = np.minimum(t, w)
+        up = up_t * (ls + ls + (1 - ls) * up_t / w) / 2
+        down_t = np.maximum(t - w, 0.0)
+        at = 1 + (le - 1) * np.minimum(down_t / np.maximum(1 - w, 1e-9), 1.0)
+        return up + down_t * (1 + at) / 2
+
+    total = np.maximum(area(np.ones_like(b)), 1e-12)
+    return np.clip(area(b) / total, 1e-6, 1.0)
 
 
 class Lookahead:

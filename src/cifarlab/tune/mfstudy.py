@@ -57,6 +57,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cifarlab.callbacks import Callback, TrainResult
 from cifarlab.config import TrainConfig
 from cifarlab.errors import ConfigError
+from cifarlab.optim import schedule_progress
 from cifarlab.trainer import train
 from cifarlab.tune.freezethaw import DONE, PAUSED, RUNNING, CostModel, Curve, FreezeThaw
 from cifarlab.tune.interrupt import StopFlag
@@ -67,7 +68,7 @@ from cifarlab.tune.storage import study_space
 from cifarlab.tune.target import CANDIDATE, candidates, study_base, target_config
 
 __all__ = ["FT_ATTR", "RUNGS", "FreezeThawObjective", "FreezeThawRunner", "distributions",
-           "params_key", "record_candidates", "snap_to_grid"]
+           "params_key", "progress_of", "record_candidates", "snap_to_grid"]
 
 FT_ATTR = "ft"
 RUNGS = (1 / 9, 1 / 3, 1.0)
@@ -110,6 +111,30 @@ def snap_to_grid(gp_space: GPSpace) -> Callable[[np.ndarray], np.ndarray]:
         return out
 
     return snap
+
+
+_SCHEDULE = ("optim.warmup_frac", "optim.lr_start", "optim.lr_end")
+
+
+def progress_of(space: SearchSpace, base: TrainConfig, gp_space: GPSpace
+                ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``(normalized rows, budgets) -> schedule progress`` of the study's configurations
+    (:func:`cifarlab.optim.schedule_progress`): the schedule's warm-up and end points come
+    from each row where the space searches them, else from the study's base config."""
+    cfg = space.base_config(base)
+    fixed = {path: float(cfg.get(path)) for path in _SCHEDULE}
+    searched = {p.path: p.name for p in space.params if p.path in _SCHEDULE}
+
+    def progress(x: np.ndarray, budget: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(x, dtype=float))
+        cols = {path: np.full(len(x), v) for path, v in fixed.items()}
+        for row, point in enumerate(x if searched else ()):
+            params = gp_space.get_unnormalized_param(point)
+            for path, name in searched.items():
+                cols[path][row] = float(params[name])
+        return schedule_progress(budget, *(cols[path] for path in _SCHEDULE))
+
+    return progress
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -160,7 +185,8 @@ class FreezeThawRunner:
         self.policy = FreezeThaw(
             RUNGS, lambda rng, n: self.gp_space.sample_normalized_params(n, rng),
             n_startup=n_startup, seed=seed, is_categorical=self.gp_space.is_categorical,
-            snap=snap_to_grid(self.gp_space))
+            snap=snap_to_grid(self.gp_space),
+            progress=progress_of(study_space(study), study_base(study), self.gp_space))
 
     # ------------------------------------------------------------------ the study's state
     def curves(self) -> tuple[list[Curve], list[FrozenTrial], CostModel]:
