@@ -32,6 +32,7 @@ from optuna._gp.gp import GPRegressor
 from optuna._gp.search_space import SearchSpace as GPSpace
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
+from scipy.stats import yeojohnson  # at import: a worker pays it once, not in a decision
 
 __all__ = ["InputWarp", "fit_input_warp", "kumaraswamy", "kumaraswamy_inverse",
            "warp_observations", "warp_values"]
@@ -165,8 +166,6 @@ def fit_input_warp(x: np.ndarray, y: np.ndarray, space: dict[str, BaseDistributi
 def warp_values(values: np.ndarray) -> np.ndarray:
     """Standardize, then Yeo-Johnson with the maximum-likelihood lambda; values unchanged when
     there are too few or the fit fails. Monotone increasing, so minima stay minima."""
-    from scipy.stats import yeojohnson
-
     y = np.asarray(values, dtype=float)
     if len(y) < 4 or not np.all(np.isfinite(y)) or y.std() == 0:
         return y
