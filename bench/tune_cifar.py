@@ -46,8 +46,10 @@ RUNNABLE = ("baseline", "cifarlab", "cifarlab-ft", "tpe", "random")
 # Optuna's length-scale prior (until 2026-11-27), and with its own prior but the GP's prior
 # mean at the losses' mean and no trust-region steps (until 2026-11-27, third session); and as
 # the third session shipped it, trust-region steps on (fourth session: off for a training
-# objective, which tune declares noisy)
-METHODS = (*RUNNABLE, "cifarlab-optuna-prior", "cifarlab-mean-prior", "cifarlab-trust-region")
+# objective, which tune declares noisy); and the freeze-thaw rule before its curve model
+# measured budget as schedule progress and fitted warped losses (until 2026-11-27, fifth session)
+METHODS = (*RUNNABLE, "cifarlab-optuna-prior", "cifarlab-mean-prior", "cifarlab-trust-region",
+           "cifarlab-ft-step-budget")
 PEER_SETTINGS = {"cifarlab": ("gp", "median"), "cifarlab-ft": ("freeze-thaw", "none"),
                  "tpe": ("tpe", "hyperband"), "random": ("random", "asha")}
 
@@ -210,7 +212,11 @@ def report(results: dict, a: argparse.Namespace, space) -> None:
                            "no trust-region steps (until 2026-11-27, third session)"),
                           ("cifarlab-trust-region",
                            "cifarlab's GP sampler with trust-region steps (the default of "
-                           "2026-11-27's third session)")):
+                           "2026-11-27's third session)"),
+                          ("cifarlab-ft-step-budget",
+                           "cifarlab --sampler freeze-thaw before its curve model measured "
+                           "budget as schedule progress and fitted warped losses (until "
+                           "2026-11-27, fifth session)")):
         seeds = [s for s in have[method] if s in have["baseline"]]
         if not seeds:
             continue
