@@ -251,8 +251,8 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
         f"Machine: {machine()}. Rungs {', '.join(f'{b:.3g}' for b in RUNGS)} of the target "
         f"budget; at least {seeds} seeds (each problem's count in its heading: every method's "
         "runs of seeds 0 to n-1 that all the methods have); regret at the target of the best "
-        "configuration that reached it. Median over seeds at half and all of the compute (target-budget units), and the "
-        "compute at which the median regret first reaches the best peer's final median.",
+        "configuration that reached it. Median over seeds at half and all of the compute "
+        "(target-budget units), and the compute at which the median regret first reaches the best peer's final median.",
         "",
     ]
     for pname in problems:

@@ -277,3 +277,24 @@ def test_a_studys_progress_reads_the_schedule_from_each_row_or_the_base() -> Non
     np.testing.assert_allclose(
         progress_of(plain, base, plain_gp)(x, np.full(2, 1 / 3)),
         schedule_progress(1 / 3, pcfg.optim.warmup_frac, pcfg.optim.lr_start, pcfg.optim.lr_end))
+
+
+def test_a_studys_progress_reads_categorical_and_integer_schedule_parameters() -> None:
+    from optuna._gp.search_space import SearchSpace as GPSpace
+
+    from cifarlab.models import default_config
+    from cifarlab.optim import schedule_progress
+    from cifarlab.tune.mfstudy import progress_of
+    from cifarlab.tune.space import SearchSpace
+
+    space = SearchSpace.from_dict({"params": {
+        "warmup_frac": {"type": "categorical", "choices": [0.0, 0.3]},
+        "lr_end": {"type": "int", "low": 0, "high": 1}}})
+    gp_space = GPSpace(distributions(space))
+    rows = gp_space.get_normalized_params(
+        [None, None],  # type: ignore[list-item]
+        [{"warmup_frac": 0.3, "lr_end": 1}, {"warmup_frac": 0.0, "lr_end": 0}])
+    start = space.base_config(default_config("airnet")).optim.lr_start
+    np.testing.assert_allclose(
+        progress_of(space, default_config("airnet"), gp_space)(rows, np.full(2, 1 / 3)),
+        schedule_progress(1 / 3, np.array([0.3, 0.0]), start, np.array([1.0, 0.0])))

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna._gp.search_space import SearchSpace as GPSpace
-from optuna._gp.search_space import _round_one_normalized_param, _ScaleType
+from optuna._gp.search_space import _round_one_normalized_param, _ScaleType, _unnormalize_one_param
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -120,18 +120,29 @@ def progress_of(space: SearchSpace, base: TrainConfig, gp_space: GPSpace
                 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """``(normalized rows, budgets) -> schedule progress`` of the study's configurations
     (:func:`cifarlab.optim.schedule_progress`): the schedule's warm-up and end points come
-    from each row where the space searches them, else from the study's base config."""
+    from each row where the space searches them, else from the study's base config. Columns
+    are unnormalized whole (as Optuna's own unnormalization, clipped to the bounds), not row by
+    row: a decision maps every observed point of every curve."""
     cfg = space.base_config(base)
     fixed = {path: float(cfg.get(path)) for path in _SCHEDULE}
+    dists = distributions(space)
+    names = list(dists)
     searched = {p.path: p.name for p in space.params if p.path in _SCHEDULE}
+
+    def column(x: np.ndarray, name: str) -> np.ndarray:
+        d, i = dists[name], names.index(name)
+        if isinstance(d, CategoricalDistribution):
+            return np.array([d.choices[int(v)] for v in x[:, i]], dtype=float)
+        assert isinstance(d, FloatDistribution | IntDistribution)
+        scale = _ScaleType.LOG if d.log else _ScaleType.LINEAR
+        values = _unnormalize_one_param(x[:, i], scale, (d.low, d.high), float(d.step or 0.0))
+        values = np.clip(values, d.low, d.high)
+        return np.round(values) if isinstance(d, IntDistribution) else values
 
     def progress(x: np.ndarray, budget: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(x, dtype=float))
-        cols = {path: np.full(len(x), v) for path, v in fixed.items()}
-        for row, point in enumerate(x if searched else ()):
-            params = gp_space.get_unnormalized_param(point)
-            for path, name in searched.items():
-                cols[path][row] = float(params[name])
+        cols = {path: column(x, searched[path]) if path in searched else np.full(len(x), v)
+                for path, v in fixed.items()}
         return schedule_progress(budget, *(cols[path] for path in _SCHEDULE))
 
     return progress
