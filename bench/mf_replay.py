@@ -10,7 +10,8 @@ budget): here the standard multi-fidelity test functions of the BO literature, B
 AugmentedBranin and AugmentedHartmann (Wu et al. 2019; fidelity ``s = b``; the target ``b = 1``
 is the plain function), and ``cifar-curves``: real CIFAR-10 learning curves of airnet
 configurations from the demo's search space, recorded by ``bench/record_curves.py`` into
-``bench/data/cifar-curves-cpu.json`` (:class:`TabularProblem`). Training is replayed: a
+``bench/data/cifar-curves-cpu.json`` (:class:`TabularProblem`); ``cifar-curves-b`` is a second
+table of 200 other configurations (``cifar-curves-cpu-b.json``, ``record_curves.py --seed 1``). Training is replayed: a
 trial reports its loss at each rung (``b`` = 1/9, 1/3, 1), and what it costs is the budget it
 consumed (a continued trial pays only for the rungs it adds). Every method gets the same total budget, counted in target-budget units.
 
@@ -88,7 +89,8 @@ PROBLEMS = {
 }
 
 
-CURVES = Path(__file__).resolve().parent / "data/cifar-curves-cpu.json"
+CURVES = {"cifar-curves": Path(__file__).resolve().parent / "data/cifar-curves-cpu.json",
+          "cifar-curves-b": Path(__file__).resolve().parent / "data/cifar-curves-cpu-b.json"}
 
 
 class TabularProblem:
@@ -98,7 +100,7 @@ class TabularProblem:
     neighbour surrogate, as Syne Tune's blackbox repository uses for LCBench). A diverged run
     counts as the worst finite loss recorded at that budget."""
 
-    def __init__(self, path: Path, budget: float = 30.0) -> None:
+    def __init__(self, path: Path, name: str = "cifar-curves", budget: float = 30.0) -> None:
         from optuna._gp.search_space import SearchSpace as GPSpace
 
         from cifarlab.models import default_config
@@ -114,10 +116,11 @@ class TabularProblem:
                          for c in table["configs"]], dtype=float)
         worst = np.nanmax(loss, axis=0)
         self.loss = np.where(np.isnan(loss), worst, loss)
-        self.name, self.dims, self.budget = "cifar-curves", self.x.shape[1], budget
+        self.name, self.dims, self.budget = name, self.x.shape[1], budget
         self.fmin = float(self.loss[:, -1].min())
         self.points = self.loss.shape[1]
         self.target = table["target"]
+        self.seed = int(table.get("seed", 0))  # record_curves.py's --seed: which configurations
         # budget as the recorded runs' schedule progress, as a study measures it
         self.progress = progress_of(space, default_config(space.fidelity.model), gp)
 
@@ -128,10 +131,11 @@ class TabularProblem:
 
 
 def get_problem(name: str) -> MFProblem | TabularProblem:
-    if name == "cifar-curves":
-        if not CURVES.exists():
-            raise SystemExit(f"{CURVES} does not exist: record it with bench/record_curves.py")
-        return TabularProblem(CURVES)
+    if name in CURVES:
+        if not CURVES[name].exists():
+            raise SystemExit(f"{CURVES[name]} does not exist: record it with "
+                             "bench/record_curves.py")
+        return TabularProblem(CURVES[name], name)
     return PROBLEMS[name]
 
 
@@ -274,7 +278,8 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
             continue
         peers = [m for m in med if not m.startswith("cifarlab-mf")]
         best_peer = min(peers, key=lambda m: med[m][-1]) if peers else None
-        what = (f"; {len(p.x)} recorded configurations, each trained to airnet width "
+        what = (f"; {len(p.x)} recorded configurations (table seed {p.seed}), each trained "
+                f"to airnet width "
                 f"{p.target['width']:g}, {p.target['epochs']:g} epochs on "
                 f"{p.target['train_fraction']:g} of the training split, validation on "
                 f"{p.target['val_size']} images" if isinstance(p, TabularProblem) else "")
@@ -334,24 +339,24 @@ def timing(n_points: int = 200, repeats: int = 10) -> None:
 
 
 def main() -> None:
-    global CURVES
     if sys.argv[1:2] == ["timing"]:
         timing()
         return
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS),
-                    choices=[*PROBLEMS, "cifar-curves"])
+                    choices=[*PROBLEMS, *CURVES])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--results", type=Path, default=Path("bench-out/mf-replay.json"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--curves", type=Path, default=None,
-                    help=f"the recorded curves of the cifar-curves problem [default: {CURVES}]")
+                    help="the recorded curves of the cifar-curves problem "
+                         f"[default: {CURVES['cifar-curves']}]")
     a = ap.parse_args()
     if a.curves is not None:
-        CURVES = a.curves  # (the worker processes are forked: they see it too)
+        CURVES["cifar-curves"] = a.curves  # (the worker processes are forked: they see it)
     results = json.loads(a.results.read_text()) if a.results.exists() else {}
     todo = [(p, m, s) for p in a.problems for m in a.methods for s in range(a.seeds)
             if f"{p}/{m}/{s}" not in results]

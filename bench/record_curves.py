@@ -1,12 +1,13 @@
 """Record real CIFAR-10 learning curves for a tabular multi-fidelity benchmark (#14).
 
     python bench/record_curves.py [--n 200] [--width 0.5] [--epochs 2] [--train-fraction 0.25]
-                                  [--val-size 2000] [--out bench/data/cifar-curves-cpu.json]
+                                  [--val-size 2000] [--seed 0]
+                                  [--out bench/data/cifar-curves-cpu.json]
 
 Configurations come from the search space of ``make demo`` and ``bench/tune_cifar.py``
-(``examples/demo-space.yaml``), drawn by a scrambled Sobol sequence (seed 0) in the space's
-normalized coordinates, the ones the samplers see. Each one is trained to the *target* of this
-table (airnet of ``--width``, ``--epochs`` epochs on ``--train-fraction`` of the training split:
+(``examples/demo-space.yaml``), drawn by a scrambled Sobol sequence (``--seed``, also every
+run's training seed) in the space's normalized coordinates, the ones the samplers see. Each
+one is trained to the *target* of this table (airnet of ``--width``, ``--epochs`` epochs on ``--train-fraction`` of the training split:
 a reduced size on the CPU; the whole target on a GPU) in nine moves, paused and continued
 through the trainer's checkpoint, so every point is the same run's: validation loss and
 accuracy on ``--val-size`` held-out images after each ninth of the budget, and the seconds
@@ -14,7 +15,9 @@ of each move (training, the evaluation and the checkpoint together). The origina
 (``--data``, else ``$CIFARLAB_DATA``, else ``../shared``'s lossless file).
 
 The table is rewritten (atomically) after each configuration, so a run resumes where it stopped.
-``bench/mf_replay.py --problems cifar-curves`` replays it.
+``bench/mf_replay.py --problems cifar-curves`` replays the seed-0 table, and ``cifar-curves-b``
+the seed-1 table (``bench/data/cifar-curves-cpu-b.json``): 200 other configurations, recorded
+after the freeze-thaw rule was tuned on the first, so they test it independently.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--train-fraction", type=float, default=0.25)
     p.add_argument("--val-size", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the Sobol sequence's scrambling and every run's training seed: another "
+                        "seed records another table of configurations")
     p.add_argument("--space", type=Path, default=ROOT / "examples/demo-space.yaml")
     p.add_argument("--data", default=os.environ.get("CIFARLAB_DATA") or str(LOSSLESS))
     p.add_argument("--device", default="auto")
@@ -63,16 +69,18 @@ def main() -> None:
 
     space = load_space(a.space)
     gp_space = GPSpace(distributions(space))
-    sobol = snap_to_grid(gp_space)(qmc.Sobol(len(space.params), scramble=True, seed=0).random(a.n))
+    sobol = snap_to_grid(gp_space)(qmc.Sobol(len(space.params), scramble=True, seed=a.seed).random(a.n))
     table = json.loads(a.out.read_text()) if a.out.exists() else None
     target = {"model": space.fidelity.model, "width": a.width, "epochs": a.epochs,
               "train_fraction": a.train_fraction, "val_size": a.val_size}
     if table is None:
         table = {"space": space.to_dict(), "target": target, "machine": machine(),
-                 "budgets": [k / POINTS for k in range(1, POINTS + 1)], "configs": []}
-    elif table["target"] != target:
-        sys.exit(f"{a.out} holds curves for the target {table['target']}, not {target}: "
-                 "give those options, or another --out")
+                 "budgets": [k / POINTS for k in range(1, POINTS + 1)], "seed": a.seed,
+                 "configs": []}
+    elif table["target"] != target or table.get("seed", 0) != a.seed:
+        sys.exit(f"{a.out} holds curves for the target {table['target']} with seed "
+                 f"{table.get('seed', 0)}, not {target} with seed {a.seed}: give those options, "
+                 "or another --out")
     data = load_data(DataConfig(source=a.data, val_size=a.val_size,
                                 train_fraction=a.train_fraction))
     print(f"{len(table['configs'])} of {a.n} configurations recorded; {len(data.train)} training "
@@ -81,7 +89,7 @@ def main() -> None:
         params = gp_space.get_unnormalized_param(sobol[i])
         cfg = space.config_for(params).with_values({
             "model": space.fidelity.model, "width": a.width, "optim.epochs": a.epochs,
-            "data.train_fraction": 1.0, "tta": 0, "seed": 0, "device": a.device})
+            "data.train_fraction": 1.0, "tta": 0, "seed": a.seed, "device": a.device})
         per_epoch = max(1, len(data.train) // cfg.optim.batch_size)
         total = max(1, math.ceil(per_epoch * cfg.optim.epochs))
         row: dict = {"params": params, "val_loss": [], "val_acc": [], "seconds": []}
