@@ -11,9 +11,10 @@ AugmentedBranin and AugmentedHartmann (Wu et al. 2019; fidelity ``s = b``; the t
 is the plain function), and ``cifar-curves``: real CIFAR-10 learning curves of airnet
 configurations from the demo's search space, recorded by ``bench/record_curves.py`` into
 ``bench/data/cifar-curves-cpu.json`` (:class:`TabularProblem`); ``cifar-curves-b`` is a second
-table of 200 other configurations (``cifar-curves-cpu-b.json``, ``record_curves.py --seed 1``). Training is replayed: a
-trial reports its loss at each rung (``b`` = 1/9, 1/3, 1), and what it costs is the budget it
-consumed (a continued trial pays only for the rungs it adds). Every method gets the same total budget, counted in target-budget units.
+table of 200 other configurations (``cifar-curves-cpu-b.json``, ``record_curves.py --seed 1``).
+Training is replayed: a trial reports its loss at each rung (``b`` = 1/9, 1/3, 1), and what it
+costs is the budget it consumed (a continued trial pays only for the rungs it adds). Every
+method gets the same total budget, counted in target-budget units.
 
 Methods:
 
@@ -256,7 +257,8 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
         f"budget; at least {seeds} seeds (each problem's count in its heading: every method's "
         "runs of seeds 0 to n-1 that all the methods have); regret at the target of the best "
         "configuration that reached it. Median over seeds at half and all of the compute "
-        "(target-budget units), and the compute at which the median regret first reaches the best peer's final median.",
+        "(target-budget units), and the compute at which the median regret first reaches the "
+        "best peer's final median.",
         "",
     ]
     for pname in problems:
@@ -279,8 +281,7 @@ def report(results: dict, problems: list[str], methods: list[str], seeds: int) -
         peers = [m for m in med if not m.startswith("cifarlab-mf")]
         best_peer = min(peers, key=lambda m: med[m][-1]) if peers else None
         what = (f"; {len(p.x)} recorded configurations (table seed {p.seed}), each trained "
-                f"to airnet width "
-                f"{p.target['width']:g}, {p.target['epochs']:g} epochs on "
+                f"to airnet width {p.target['width']:g}, {p.target['epochs']:g} epochs on "
                 f"{p.target['train_fraction']:g} of the training split, validation on "
                 f"{p.target['val_size']} images" if isinstance(p, TabularProblem) else "")
         lines += [f"**{pname}** (budget {p.budget:g}, {n_seeds} seeds{what})", "",

@@ -7,8 +7,9 @@
 Configurations come from the search space of ``make demo`` and ``bench/tune_cifar.py``
 (``examples/demo-space.yaml``), drawn by a scrambled Sobol sequence (``--seed``, also every
 run's training seed) in the space's normalized coordinates, the ones the samplers see. Each
-one is trained to the *target* of this table (airnet of ``--width``, ``--epochs`` epochs on ``--train-fraction`` of the training split:
-a reduced size on the CPU; the whole target on a GPU) in nine moves, paused and continued
+one is trained to the *target* of this table (airnet of ``--width``, ``--epochs`` epochs on
+``--train-fraction`` of the training split: a reduced size on the CPU; the whole target on a
+GPU) in nine moves, paused and continued
 through the trainer's checkpoint, so every point is the same run's: validation loss and
 accuracy on ``--val-size`` held-out images after each ninth of the budget, and the seconds
 of each move (training, the evaluation and the checkpoint together). The original pixels
@@ -69,7 +70,8 @@ def main() -> None:
 
     space = load_space(a.space)
     gp_space = GPSpace(distributions(space))
-    sobol = snap_to_grid(gp_space)(qmc.Sobol(len(space.params), scramble=True, seed=a.seed).random(a.n))
+    sobol = snap_to_grid(gp_space)(
+        qmc.Sobol(len(space.params), scramble=True, seed=a.seed).random(a.n))
     table = json.loads(a.out.read_text()) if a.out.exists() else None
     target = {"model": space.fidelity.model, "width": a.width, "epochs": a.epochs,
               "train_fraction": a.train_fraction, "val_size": a.val_size}
