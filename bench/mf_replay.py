@@ -123,7 +123,7 @@ class TabularProblem:
         self.target = table["target"]
         self.seed = int(table.get("seed", 0))  # record_curves.py's --seed: which configurations
         # budget as the recorded runs' schedule progress, as a study measures it
-        self.progress = progress_of(space, default_config(space.fidelity.model), gp)
+        self.progress = progress_of(space, default_config(space.fidelity.model))
 
     def value(self, u: np.ndarray, b: float) -> float:
         i = int(np.argmin(np.sum((self.x - np.asarray(u, dtype=float)) ** 2, axis=1)))

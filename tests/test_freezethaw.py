@@ -264,7 +264,7 @@ def test_a_studys_progress_reads_the_schedule_from_each_row_or_the_base() -> Non
         [{"lr": 10.0, "weight_decay": 0.01, "momentum": 0.9, "label_smoothing": 0.1,
           "warmup_frac": w, "cutout": 4} for w in (0.0, 0.5)])
     cfg = space.base_config(base)
-    got = progress_of(space, base, gp_space)(rows, np.full(2, 1 / 9))
+    got = progress_of(space, base)(rows, np.full(2, 1 / 9))
     want = schedule_progress(1 / 9, np.array([0.0, 0.5]), cfg.optim.lr_start, cfg.optim.lr_end)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got[1] < got[0]
@@ -275,7 +275,7 @@ def test_a_studys_progress_reads_the_schedule_from_each_row_or_the_base() -> Non
     x = plain_gp.get_normalized_params([None, None], [{"lr": 2.0}, {"lr": 30.0}])  # type: ignore[list-item]
     pcfg = plain.base_config(base)
     np.testing.assert_allclose(
-        progress_of(plain, base, plain_gp)(x, np.full(2, 1 / 3)),
+        progress_of(plain, base)(x, np.full(2, 1 / 3)),
         schedule_progress(1 / 3, pcfg.optim.warmup_frac, pcfg.optim.lr_start, pcfg.optim.lr_end))
 
 
@@ -296,5 +296,5 @@ def test_a_studys_progress_reads_categorical_and_integer_schedule_parameters() -
         [{"warmup_frac": 0.3, "lr_end": 1}, {"warmup_frac": 0.0, "lr_end": 0}])
     start = space.base_config(default_config("airnet")).optim.lr_start
     np.testing.assert_allclose(
-        progress_of(space, default_config("airnet"), gp_space)(rows, np.full(2, 1 / 3)),
+        progress_of(space, default_config("airnet"))(rows, np.full(2, 1 / 3)),
         schedule_progress(1 / 3, np.array([0.3, 0.0]), start, np.array([1.0, 0.0])))

@@ -116,11 +116,12 @@ def snap_to_grid(gp_space: GPSpace) -> Callable[[np.ndarray], np.ndarray]:
 _SCHEDULE = ("optim.warmup_frac", "optim.lr_start", "optim.lr_end")
 
 
-def progress_of(space: SearchSpace, base: TrainConfig, gp_space: GPSpace
+def progress_of(space: SearchSpace, base: TrainConfig
                 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """``(normalized rows, budgets) -> schedule progress`` of the study's configurations
     (:func:`cifarlab.optim.schedule_progress`): the schedule's warm-up and end points come
-    from each row where the space searches them, else from the study's base config. Columns
+    from each row where the space searches them, else from the study's base config. Rows are
+    in the column order of ``GPSpace(distributions(space))``, as a study encodes them. Columns
     are unnormalized whole (as Optuna's own unnormalization, clipped to the bounds), not row by
     row: a decision maps every observed point of every curve."""
     cfg = space.base_config(base)
@@ -197,7 +198,7 @@ class FreezeThawRunner:
             RUNGS, lambda rng, n: self.gp_space.sample_normalized_params(n, rng),
             n_startup=n_startup, seed=seed, is_categorical=self.gp_space.is_categorical,
             snap=snap_to_grid(self.gp_space),
-            progress=progress_of(study_space(study), study_base(study), self.gp_space))
+            progress=progress_of(study_space(study), study_base(study)))
 
     # ------------------------------------------------------------------ the study's state
     def curves(self) -> tuple[list[Curve], list[FrozenTrial], CostModel]:
