@@ -47,11 +47,38 @@ RUNNABLE = ("baseline", "cifarlab", "cifarlab-ft", "tpe", "random")
 # mean at the losses' mean and no trust-region steps (until 2026-11-27, third session); and as
 # the third session shipped it, trust-region steps on (fourth session: off for a training
 # objective, which tune declares noisy); and the freeze-thaw rule before its curve model
-# measured budget as schedule progress and fitted warped losses (until 2026-11-27, fifth session)
+# measured budget as schedule progress and fitted warped losses (until 2026-11-27, fifth session);
+# and the GP sampler's studies re-checking their best observations at the target, not the
+# posterior mean's best first (until 2026-11-28)
 METHODS = (*RUNNABLE, "cifarlab-optuna-prior", "cifarlab-mean-prior", "cifarlab-trust-region",
-           "cifarlab-ft-step-budget")
+           "cifarlab-ft-step-budget", "cifarlab-observed-candidates")
 PEER_SETTINGS = {"cifarlab": ("gp", "median"), "cifarlab-ft": ("freeze-thaw", "none"),
                  "tpe": ("tpe", "hyperband"), "random": ("random", "asha")}
+
+
+def copy_search(source: Path, dest: Path) -> int:
+    """A new study in ``dest`` (named after it) holding ``source``'s search trials and its
+    baseline at the target, not its candidates; returns the number of search trials."""
+    import optuna
+
+    from cifarlab.tune.target import open_target, target_name
+
+    if dest.exists():
+        raise SystemExit(f"{dest} exists: move it aside before --reuse-search writes there")
+    name = json.loads((source / "study.json").read_text())["study_name"]
+    src_storage = f"sqlite:///{source / 'study.db'}"
+    dest.mkdir(parents=True)
+    dest_storage = f"sqlite:///{dest / 'study.db'}"
+    optuna.copy_study(from_study_name=name, from_storage=src_storage,
+                      to_storage=dest_storage, to_study_name=dest.name)
+    (dest / "study.json").write_text(json.dumps({"storage": "sqlite:///study.db",
+                                                 "study_name": dest.name}, indent=2))
+    study = optuna.load_study(study_name=dest.name, storage=dest_storage)
+    target = open_target(study)
+    for t in optuna.load_study(study_name=target_name(name), storage=src_storage).trials:
+        if t.user_attrs.get("role") == "baseline":
+            target.add_trial(t)
+    return len(study.trials)
 
 
 def main() -> None:
@@ -66,6 +93,11 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=RUNNABLE, default=list(RUNNABLE),
                    help="run only these (the peers' rows do not depend on cifarlab's code, so "
                         "they can be measured ahead of it; the baseline needs a cifarlab row, either sampler)")
+    p.add_argument("--reuse-search", metavar="METHOD", default=None,
+                   help="the cifarlab row only: copy each seed's search trials and baseline from "
+                        "METHOD's study, then let the current code pick and run the candidates "
+                        "at the target (a change to the candidate rule, measured on the same "
+                        "search)")
     p.add_argument("--report-only", action="store_true",
                    help="write the table from the results file; run nothing")
     a = p.parse_args()
@@ -120,8 +152,16 @@ def main() -> None:
                     seed=seed, data=data_cfg, quiet=True, timeout=a.minutes * 60,
                     target_epochs=a.target_epochs,
                     target_trials=method.startswith("cifarlab"))
+                if method == "cifarlab" and a.reuse_search:
+                    source = results[f"{a.reuse_search}/{seed}"]
+                    settings.n_trials = copy_search(Path(source["study_dir"]), study_dir)
+                    row["reused_search_from"] = a.reuse_search
                 study, _ = run_study(settings, space)
                 row["study_seconds"] = round(time.perf_counter() - t0, 1)
+                if method == "cifarlab" and a.reuse_search:
+                    # the same search and as many candidates: the source's study time
+                    row["recheck_seconds"] = row["study_seconds"]
+                    row["study_seconds"] = source["study_seconds"]
                 row["study_dir"] = str(study_dir)
                 row["n_trials"] = len(study.trials)
                 row["n_pruned"] = sum(t.state.name == "PRUNED" for t in study.trials)
@@ -216,7 +256,10 @@ def report(results: dict, a: argparse.Namespace, space) -> None:
                           ("cifarlab-ft-step-budget",
                            "cifarlab --sampler freeze-thaw before its curve model measured "
                            "budget as schedule progress and fitted warped losses (until "
-                           "2026-11-27, fifth session)")):
+                           "2026-11-27, fifth session)"),
+                          ("cifarlab-observed-candidates",
+                           "cifarlab (GP sampler) re-checking its best observations, not the "
+                           "posterior mean's best first (until 2026-11-28)")):
         seeds = [s for s in have[method] if s in have["baseline"]]
         if not seeds:
             continue

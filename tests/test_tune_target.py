@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
@@ -178,3 +179,24 @@ def test_a_study_made_before_metrics_existed_keeps_plain_validation_loss(study, 
     study.set_user_attr(METRIC_ATTR, "accuracy@5")  # written by a newer cifarlab, say
     with pytest.raises(StudyError, match="minimises 'accuracy@5'.*upgrade cifarlab"):
         summarize(study)
+
+
+def test_noisy_candidates_put_the_best_posterior_mean_before_a_lucky_draw(study):
+    """A noisy objective's best observation far from the trend (a lucky seed) is not the first
+    candidate: the GP's posterior-mean best is, and the lucky draw is still checked second."""
+    rng = np.random.default_rng(0)
+    lrs = np.geomspace(0.01, 1.0, 24)
+    values = (np.log10(lrs) + 1.0) ** 2 + rng.normal(0, 0.05, len(lrs))
+    lucky = int(np.argmin(np.abs(lrs - 0.9)))
+    values[lucky] = values.min() - 0.05
+    _search(study, *zip(lrs.tolist(), values.tolist(), strict=True))
+    observed = candidates(study, 2)
+    assert observed[0].params["lr"] == pytest.approx(lrs[lucky])
+    first, second = candidates(study, 2, noisy=True)
+    assert abs(np.log10(first.params["lr"]) + 1.0) < 0.3  # near the trend's minimum, lr 0.1
+    assert second.number == observed[0].number
+
+
+def test_noisy_candidates_fall_back_to_observations_without_a_gp(study):
+    _search(study, (0.1, 1.0), (0.2, 0.5))
+    assert [t.params["lr"] for t in candidates(study, 2, noisy=True)] == [0.2, 0.1]

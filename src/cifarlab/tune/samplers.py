@@ -68,6 +68,7 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "perturb",
+    "rank_by_posterior_mean",
     "recommend",
     "warp_values",
 ]
@@ -294,17 +295,25 @@ def recommend(study: optuna.Study, noisy: bool = False) -> FrozenTrial:
     best = study.best_trial
     if not noisy:
         return best
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+    ranked = rank_by_posterior_mean(study, done)
+    return ranked[0] if ranked else best
+
+
+def rank_by_posterior_mean(study: optuna.Study, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """``trials`` ranked by the posterior mean of the GP fitted to ``study``'s warped losses,
+    lowest first; only those that cover the GP's search space, and none while the GP cannot be
+    fitted or fewer than 3 are covered."""
     surrogate = fit_surrogate(study, warp=True)
     if surrogate is None:
-        return best
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)
-            and surrogate.search_space.keys() <= t.params.keys()]
-    if len(done) < 3:
-        return best
+        return []
+    covered = [t for t in trials if surrogate.search_space.keys() <= t.params.keys()]
+    if len(covered) < 3:
+        return []
     mean, _ = surrogate.predict([{k: t.params[k] for k in surrogate.search_space}
-                                 for t in done])
-    return done[int(np.argmin(mean))]
+                                 for t in covered])
+    return [covered[i] for i in np.argsort(mean, kind="stable")]
 
 
 def make_sampler(name: str, seed: int | None, n_startup: int,

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cifarlab.config import TrainConfig
 from cifarlab.errors import ConfigError, StudyError
 from cifarlab.models import default_config
+from cifarlab.tune.samplers import rank_by_posterior_mean
 from cifarlab.tune.storage import study_space
 
 __all__ = [
@@ -141,14 +142,22 @@ def enqueue_baseline(study: optuna.Study, target_study: optuna.Study) -> bool:
     return True
 
 
-def candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The ``k`` best completed search trials with distinct parameters, best first."""
+def candidates(study: optuna.Study, k: int, noisy: bool = False) -> list[FrozenTrial]:
+    """The ``k`` best completed search trials with distinct parameters, best first.
+
+    With ``noisy`` (a training run's loss: another seed, another loss) the best observation is
+    often a lucky draw, so the list alternates between the trials with the lowest GP posterior
+    mean (the surrogate the GP sampler fits, smoothing each trial with its neighbours) and the
+    best observations, starting with the posterior mean; with too few trials for a GP it is the
+    best observations alone.
+    """
     done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                    if t.value is not None and math.isfinite(t.value)),
                   key=lambda t: (t.value, t.number))
+    order = _alternate(rank_by_posterior_mean(study, done), done) if noisy else done
     out: list[FrozenTrial] = []
     seen: list[dict[str, Any]] = []
-    for t in done:
+    for t in order:
         if t.params not in seen:
             seen.append(t.params)
             out.append(t)
@@ -157,14 +166,23 @@ def candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
     return out
 
 
-def enqueue_candidates(study: optuna.Study, target_study: optuna.Study, k: int) -> int:
-    """Queue the search's top ``k`` for the target budget (those not queued or run yet, and not
-    the baseline's own configuration); returns how many were queued."""
+def _alternate(first: list[FrozenTrial], second: list[FrozenTrial]) -> list[FrozenTrial]:
+    """``first[0], second[0], first[1], second[1], ...``, then the longer list's rest."""
+    out: list[FrozenTrial] = []
+    for i in range(max(len(first), len(second))):
+        out += [lst[i] for lst in (first, second) if i < len(lst)]
+    return out
+
+
+def enqueue_candidates(study: optuna.Study, target_study: optuna.Study, k: int,
+                       noisy: bool = False) -> int:
+    """Queue the search's top ``k`` (see :func:`candidates`) for the target budget (those not
+    queued or run yet, and not the baseline's own configuration); returns how many."""
     present = {t.user_attrs.get("source_trial") for t in target_study.get_trials(deepcopy=False)
                if t.user_attrs.get("role") == CANDIDATE and _live(t)}
     baseline = target_config(study, BASELINE, None)
     queued = 0
-    for t in candidates(study, k):
+    for t in candidates(study, k, noisy):
         if t.number in present:
             continue
         if target_config(study, CANDIDATE, t.number) == baseline:

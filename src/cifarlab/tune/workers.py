@@ -300,7 +300,8 @@ def _run_trials(settings: TuneSettings, index: int) -> bool:
                 continue
             if runs_targets and (
                     record_candidates(study, target_study, target.top_k) if runner is not None
-                    else enqueue_candidates(study, target_study, target.top_k)):
+                    else enqueue_candidates(study, target_study, target.top_k,
+                                            settings.noisy)):
                 continue  # the search is done: its winners go to the target budget
             if not target_running:
                 break
