@@ -200,3 +200,25 @@ def test_noisy_candidates_put_the_best_posterior_mean_before_a_lucky_draw(study)
 def test_noisy_candidates_fall_back_to_observations_without_a_gp(study):
     _search(study, (0.1, 1.0), (0.2, 0.5))
     assert [t.params["lr"] for t in candidates(study, 2, noisy=True)] == [0.2, 0.1]
+
+
+def test_noisy_candidates_handle_integer_and_categorical_parameters(tmp_path):
+    """A mixed space (and trials from before a parameter was added) still gives distinct,
+    completed candidates, posterior mean first."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'mixed.db'}")
+    dists = {"lr": LR, "cutout": IntDistribution(0, 12, step=4),
+             "opt": CategoricalDistribution(["sgd", "muon"])}
+    rng = np.random.default_rng(1)
+    s.add_trial(optuna.trial.create_trial(params={"lr": 0.1}, distributions={"lr": LR},
+                                          value=-5.0))  # an older trial: lr only
+    for _ in range(30):
+        p = {"lr": float(10 ** rng.uniform(-2, 0)), "cutout": int(rng.choice([0, 4, 8, 12])),
+             "opt": str(rng.choice(["sgd", "muon"]))}
+        v = (np.log10(p["lr"]) + 1) ** 2 + 0.1 * (p["opt"] == "sgd") + rng.normal(0, 0.05)
+        s.add_trial(optuna.trial.create_trial(params=p, distributions=dists, value=float(v)))
+    got = candidates(s, 3, noisy=True)
+    assert len(got) == 3 and len({t.number for t in got}) == 3
+    assert got[1].number == 0  # the best observation (the older trial) is checked second
+    assert got[0].number != 0  # the posterior mean (on the parameters all trials share) differs
