@@ -169,7 +169,7 @@ def report(paths: list[Path], section: str) -> None:
     table per file: each file is one machine, and times compare only inside one."""
     lines = [f"## GPU: airbench94_muon's own script against cifarlab ({section})", "",
              "Command: `python bench/airbench_gpu.py --data DATA --airbench airbench94_muon.py "
-             "--runs 5 --recipes ... --search ...` on the original CIFAR-10 pixels "
+             "--runs N --recipes ... --search ...` on the original CIFAR-10 pixels "
              "(`bench/gpu_data.py` carries them there losslessly and checks their SHA-256). "
              "airbench's seconds are what its script prints (training plus its TTA evaluation, "
              "CUDA events, after `torch.compile(mode='max-autotune')` and its warm-up run); "
@@ -177,7 +177,7 @@ def report(paths: list[Path], section: str) -> None:
              "`deterministic: false`, after a warm-up epoch; `+compile` adds `compile: true` "
              "after an untimed compiled run). Test accuracy with TTA 2 for both. `@2000`: "
              "batch size 2000, airbench's, instead of the recipe's 1024 (chosen for the CPU). "
-             "Rows without a full 5 runs were cut off by the run's deadline."]
+             "Rows with fewer runs than the table's others were cut off by the run's deadline."]
     for path in paths:
         saved = json.loads(path.read_text())
         table, reached = _table(saved)
