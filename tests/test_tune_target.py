@@ -195,6 +195,17 @@ def test_noisy_candidates_put_the_best_posterior_mean_before_a_lucky_draw(study)
     first, second = candidates(study, 2, noisy=True)
     assert abs(np.log10(first.params["lr"]) + 1.0) < 0.3  # near the trend's minimum, lr 0.1
     assert second.number == observed[0].number
+    # each queued candidate says why it was picked, and `tune show` prints it
+    target = open_target(study)
+    enqueue_baseline(study, target)
+    assert enqueue_candidates(study, target, 2, noisy=True) == 2
+    _finish(target, [0.9, 0.5, 0.6])
+    why = [t.user_attrs.get("picked_by") for t in target.trials]
+    assert why[0] is None and why[1].startswith("posterior mean #1, observed #")
+    assert why[2].endswith(", observed #1") and "posterior mean #1," not in why[2]
+    lines = summarize(study).lines()
+    assert any(f"trial {first.number} " in line and "(posterior mean #1" in line
+               for line in lines)
 
 
 def test_noisy_candidates_fall_back_to_observations_without_a_gp(study):

@@ -15,7 +15,7 @@ from cifarlab.config import TrainConfig
 from cifarlab.errors import StudyError
 from cifarlab.tune.metric import study_metric
 from cifarlab.tune.storage import open_study, study_space
-from cifarlab.tune.target import Target, answer, target_config
+from cifarlab.tune.target import PICKED_BY, Target, answer, target_config
 
 __all__ = ["LiveTable", "Retrain", "Summary", "best_config", "retrain_config", "summarize"]
 
@@ -61,7 +61,9 @@ class LiveTable:
             if role is None or trial.user_attrs.get("duplicate"):
                 return  # taken by another worker first, or a duplicate: it did nothing
             number = "B" if role == "baseline" else f"T{trial.number}"
+            why = trial.user_attrs.get(PICKED_BY)
             params = (f"[{'baseline' if role == 'baseline' else 'trial ' + str(trial.user_attrs.get('source_trial'))}"
+                      f"{f' ({why})' if why else ''}"
                       f" at the target budget: {self.target.epochs:g} epochs, all training images]")
             best = ""
         line = (f"{self.prefix}{number:>5} {state:<9} {value:>9} "
@@ -128,7 +130,8 @@ class Summary:
         for row in self.target_rows or []:
             acc = "" if row["val_acc"] is None else f"  val_acc {row['val_acc']:.4f}"
             mark = "  <- answer" if row["name"] == self.answer else ""
-            out.append(f"  {row['name']:<10} {row['value']:.4f}{acc}{mark}")
+            why = f"  ({row['picked_by']})" if row.get("picked_by") else ""
+            out.append(f"  {row['name']:<10} {row['value']:.4f}{acc}{mark}{why}")
         if self.answer is None:
             out.append("answer: not yet; the baseline and the search's best have not all "
                        "been trained at the target budget (run the study again to finish)")
@@ -175,7 +178,8 @@ def summarize(study: optuna.Study) -> Summary:
     out.target_epochs = ans.target.epochs
     out.target_rows = [{"name": _target_label(t), "value": t.value,
                         "val_acc": t.user_attrs.get("val_acc"),
-                        "source_trial": t.user_attrs.get("source_trial")}
+                        "source_trial": t.user_attrs.get("source_trial"),
+                        "picked_by": t.user_attrs.get(PICKED_BY)}
                        for t in ans.evaluated]
     if ans.baseline is None or ans.best is None:
         return out  # nothing is an answer before the baseline has been measured

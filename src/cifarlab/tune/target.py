@@ -34,6 +34,7 @@ from cifarlab.tune.storage import study_space
 
 __all__ = [
     "BASE_ATTR",
+    "PICKED_BY",
     "TARGET_ATTR",
     "Answer",
     "Target",
@@ -42,6 +43,7 @@ __all__ = [
     "enqueue_candidates",
     "is_duplicate",
     "open_target",
+    "picks",
     "study_base",
     "study_target",
     "target_config",
@@ -52,6 +54,7 @@ __all__ = [
 TARGET_ATTR = "cifarlab:target"
 BASE_ATTR = "cifarlab:base"
 BASELINE, CANDIDATE = "baseline", "candidate"
+PICKED_BY = "picked_by"  # a candidate's ranks in the search (see picks)
 
 
 @dataclass(frozen=True)
@@ -151,10 +154,17 @@ def candidates(study: optuna.Study, k: int, noisy: bool = False) -> list[FrozenT
     best observations, starting with the posterior mean; with too few trials for a GP it is the
     best observations alone.
     """
+    return [t for t, _ in picks(study, k, noisy)]
+
+
+def picks(study: optuna.Study, k: int, noisy: bool = False) -> list[tuple[FrozenTrial, str]]:
+    """:func:`candidates`, each with why it was picked: its rank by posterior mean (when
+    ``noisy``) and by observed value, e.g. ``"posterior mean #1, observed #3"``."""
     done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                    if t.value is not None and math.isfinite(t.value)),
                   key=lambda t: (t.value, t.number))
-    order = _alternate(rank_by_posterior_mean(study, done), done) if noisy else done
+    by_mean = rank_by_posterior_mean(study, done) if noisy else []
+    order = _alternate(by_mean, done) if by_mean else done
     out: list[FrozenTrial] = []
     seen: list[dict[str, Any]] = []
     for t in order:
@@ -163,7 +173,11 @@ def candidates(study: optuna.Study, k: int, noisy: bool = False) -> list[FrozenT
             out.append(t)
         if len(out) == k:
             break
-    return out
+    mean_rank = {t.number: i + 1 for i, t in enumerate(by_mean)}
+    observed_rank = {t.number: i + 1 for i, t in enumerate(done)}
+    return [(t, ", ".join(([f"posterior mean #{mean_rank[t.number]}"]
+                           if t.number in mean_rank else [])
+                          + [f"observed #{observed_rank[t.number]}"])) for t in out]
 
 
 def _alternate(first: list[FrozenTrial], second: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -182,12 +196,13 @@ def enqueue_candidates(study: optuna.Study, target_study: optuna.Study, k: int,
                if t.user_attrs.get("role") == CANDIDATE and _live(t)}
     baseline = target_config(study, BASELINE, None)
     queued = 0
-    for t in candidates(study, k, noisy):
+    for t, why in picks(study, k, noisy):
         if t.number in present:
             continue
         if target_config(study, CANDIDATE, t.number) == baseline:
             continue  # the search found the recipe itself: the baseline already answers for it
-        target_study.enqueue_trial({}, user_attrs={"role": CANDIDATE, "source_trial": t.number})
+        target_study.enqueue_trial({}, user_attrs={"role": CANDIDATE, "source_trial": t.number,
+                                                   PICKED_BY: why})
         queued += 1
     return queued
 
