@@ -233,3 +233,18 @@ def test_noisy_candidates_handle_integer_and_categorical_parameters(tmp_path):
     assert len(got) == 3 and len({t.number for t in got}) == 3
     assert got[1].number == 0  # the best observation (the older trial) is checked second
     assert got[0].number != 0  # the posterior mean (on the parameters all trials share) differs
+
+
+def test_queued_candidates_are_not_picked_again(study, monkeypatch):
+    """Once the top k are queued, a worker that looks again fits no GP."""
+    import cifarlab.tune.target as target_mod
+
+    _search(study, *[(lr, (np.log10(lr) + 1.0) ** 2) for lr in np.geomspace(0.01, 1.0, 8)])
+    target = open_target(study)
+    assert enqueue_candidates(study, target, 2, noisy=True) == 2
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the GP was fitted again")
+
+    monkeypatch.setattr(target_mod, "rank_by_posterior_mean", no_fit)
+    assert enqueue_candidates(study, target, 2, noisy=True) == 0

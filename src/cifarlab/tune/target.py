@@ -194,6 +194,10 @@ def enqueue_candidates(study: optuna.Study, target_study: optuna.Study, k: int,
     queued or run yet, and not the baseline's own configuration); returns how many."""
     present = {t.user_attrs.get("source_trial") for t in target_study.get_trials(deepcopy=False)
                if t.user_attrs.get("role") == CANDIDATE and _live(t)}
+    if len(present) >= k:
+        # the search is over when candidates are queued, so its picks stand: no GP fit again
+        # each time a waiting worker looks
+        return 0
     baseline = target_config(study, BASELINE, None)
     queued = 0
     for t, why in picks(study, k, noisy):
