@@ -175,6 +175,8 @@ def run_freezethaw(problem: MFProblem | TabularProblem, seed: int, kernel: str =
     cost = CostModel(rate=1.0)  # the replay's seconds are budget units: no overhead to learn
     while not r.out:
         d = policy.decide(curves, cost)
+        if d is None:  # (a finite space, all of it tried: not these problems)
+            break
         if d.index is None:
             curves.append(Curve(x=d.x))
             c = curves[-1]

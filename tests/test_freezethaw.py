@@ -138,6 +138,37 @@ def test_a_running_or_finished_curve_is_never_continued() -> None:
     assert d.index is None
 
 
+def test_a_configuration_in_the_study_is_never_started_again() -> None:
+    """A space of nine configurations (two parameters of three values each): the policy starts
+    each at most once, continues the paused ones when every one is started, and has no move left
+    when none is paused."""
+    grid = np.array([[a, b] for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)])
+
+    def sample(rng: np.random.RandomState, n: int) -> np.ndarray:
+        return grid[rng.randint(len(grid), size=n)]
+
+    def snap(x: np.ndarray) -> np.ndarray:
+        return np.round(np.asarray(x) * 2) / 2
+
+    policy = FreezeThaw(RUNGS, sample, n_startup=4, seed=0, snap=snap)
+    curves: list[Curve] = []
+    started: list[tuple[float, ...]] = []
+    moves = 0
+    while (d := policy.decide(curves, CostModel(rate=1.0))) is not None:
+        moves += 1
+        assert moves <= 9 * len(RUNGS)
+        if d.index is None:
+            assert tuple(d.x) not in started
+            started.append(tuple(d.x))
+            curves.append(Curve(x=d.x))
+        c = curves[-1] if d.index is None else curves[d.index]
+        assert d.to_budget > c.budget
+        c.budgets.append(d.to_budget)
+        c.values.append(truth(c.x, d.to_budget))
+        c.state = DONE if d.to_budget >= 1.0 else PAUSED
+    assert len(started) == 9 and all(c.state == DONE for c in curves)
+
+
 def test_the_policy_with_the_decay_kernel_decides_from_its_model() -> None:
     rng = np.random.RandomState(3)
     curves = [Curve(x=x, budgets=list(RUNGS), values=[truth(x, b) for b in RUNGS], state=DONE)

@@ -23,6 +23,7 @@ from cifarlab.tune.mfstudy import (
     RUNGS,
     FreezeThawObjective,
     FreezeThawRunner,
+    checkpoint_folder,
     params_key,
 )
 from cifarlab.tune.target import answer, open_target, target_config
@@ -72,8 +73,9 @@ def test_freeze_thaw_study_continues_trials_to_the_target(capsys, learnable, tmp
         assert t.user_attrs[FT_ATTR]["budget"] == 1.0 and t.value == pytest.approx(
             t.user_attrs[FT_ATTR]["values"][-1])
     # a paused trial keeps its checkpoint; a finished one needs it no more
-    kept = {p.name for p in (study_dir / "checkpoints").iterdir()}
-    assert {params_key(t.params) for t in paused} == kept
+    kept = {p for p in (study_dir / "checkpoints").iterdir()}
+    assert {checkpoint_folder(study_dir / "checkpoints", t.number, t.params)
+            for t in paused} == kept
     continued = [t for t in done if len(t.user_attrs[FT_ATTR]["moves"]) >= 2]
     assert continued, "no trial was continued from a pause"
 
@@ -101,6 +103,41 @@ def test_freeze_thaw_study_continues_trials_to_the_target(capsys, learnable, tmp
                                            "--trials", "4", "--target-epochs", "3"))
     assert code == 0, err
     assert sum(t.user_attrs[FT_ATTR]["budget"] for t in open_study(study_dir).trials) >= 4
+
+
+def test_a_configuration_is_never_started_twice_and_a_finite_space_runs_out(capsys, learnable,
+                                                                          tmp_path):
+    """Four configurations in all: each is trained once (a second start would repeat its curve
+    and, before, shared its checkpoint folder), and the study ends when all four are finished,
+    under a budget of six."""
+    space = tmp_path / "grid.yaml"
+    space.write_text("""
+fidelity: {model: tutorial, epochs: 3, train_fraction: 1.0}
+params:
+  lr: {type: categorical, choices: [0.5, 2.0]}
+  label_smoothing: {type: categorical, choices: [0.0, 0.2]}
+fixed: {batch_size: 32}
+""")
+    study_dir = tmp_path / "grid"
+    code, out, err = call(capsys, *tune_args(learnable, study_dir, "--sampler", "freeze-thaw",
+                                             "--trials", "6", "--target-epochs", "2",
+                                             space=space))
+    assert code == 0, err
+    assert "every configuration of the search space has been started" in out
+    trials = open_study(study_dir).get_trials(deepcopy=False)
+    assert sorted(tuple(sorted(t.params.items())) for t in trials) == sorted(
+        (("label_smoothing", s), ("lr", lr)) for s in (0.0, 0.2) for lr in (0.5, 2.0))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sum(t.user_attrs[FT_ATTR]["budget"] for t in trials) == 4
+
+
+def test_two_trials_with_the_same_parameters_keep_their_checkpoints_apart(tmp_path) -> None:
+    params = {"lr": 0.5, "label_smoothing": 0.0}
+    a, b = (checkpoint_folder(tmp_path, n, params) for n in (3, 7))
+    assert a != b and a.parent == b.parent == tmp_path
+    # a trial paused by an earlier cifarlab (a folder named by the digest alone) continues there
+    (tmp_path / params_key(params)).mkdir()
+    assert checkpoint_folder(tmp_path, 3, params) == tmp_path / params_key(params)
 
 
 def test_freeze_thaw_needs_a_study_of_its_own_and_unconditional_parameters(capsys, learnable,

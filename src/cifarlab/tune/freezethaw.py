@@ -49,6 +49,8 @@ from cifarlab.tune.warping import warp_values
 __all__ = ["CostModel", "Curve", "Decision", "FreezeThaw", "log_ei"]
 
 PAUSED, RUNNING, DONE = "paused", "running", "done"
+SAME = 1e-9  # normalized coordinates closer than this in every dimension: one configuration
+_DRAWS = 100  # random draws for an untried configuration before the space counts as exhausted
 
 
 @dataclass
@@ -192,14 +194,27 @@ class FreezeThaw:
             b = self.progress(x, b)
         return self.model.predict(x, b)
 
-    def decide(self, curves: list[Curve], cost: CostModel) -> Decision:
-        """The next move given every curve of the study (see the module docstring)."""
+    def decide(self, curves: list[Curve], cost: CostModel) -> Decision | None:
+        """The next move given every curve of the study (see the module docstring); None when
+        no move is left: every configuration of a finite space has been started and none of
+        them is paused.
+
+        A configuration already in the study is never started again: training it anew repeats
+        its curve (exactly, on the CPU), and a paused one is continued instead. In a space of
+        integer, stepped or categorical parameters a candidate often snaps onto a configuration
+        tried before."""
         first = self.rungs[0]
-        if len(curves) < self.n_startup:
-            return Decision(None, self.sample(self.rng, 1)[0], first, -math.inf)
-        if self.fit(curves) is None:
-            return Decision(None, self.sample(self.rng, 1)[0], first, -math.inf)
-        tried = np.array([c.x for c in curves])
+        tried = np.array([c.x for c in curves]) if curves else None
+        model = self.fit(curves) if len(curves) >= self.n_startup else None
+        if model is None:
+            for _ in range(_DRAWS):  # (one draw, as before, wherever the space is continuous)
+                x = self.sample(self.rng, 1)[0]
+                if not _is_tried(x[None, :], tried)[0]:
+                    return Decision(None, x, first, -math.inf)
+            # a finite space, every configuration started before the model could lead
+            if self.fit(curves) is None:
+                return self._continue_lowest(curves)
+        assert self.model is not None and tried is not None
         mean_t, _ = self.predict(tried, 1.0)
         best = float(mean_t.min())
         incumbent = tried[int(np.argmin(mean_t))]
@@ -207,21 +222,32 @@ class FreezeThaw:
                          self._local(incumbent, self.n_candidates // 4)])
         if self.snap is not None:
             new = self.snap(new)  # scored where they would really train
-        m, sd = self.predict(new, 1.0)
-        new_score = log_ei(m, sd, best) - math.log(max(cost.seconds(0.0, 1.0), 1e-12))
-        i_new = int(np.argmax(new_score))
-        choice = Decision(None, new[i_new], first, float(new_score[i_new]))
-        paused = [i for i, c in enumerate(curves) if c.state == PAUSED and c.budget < 1.0 - 1e-9]
+        new = new[~_is_tried(new, tried)]
+        choice: Decision | None = None
+        if len(new):
+            m, sd = self.predict(new, 1.0)
+            new_score = log_ei(m, sd, best) - math.log(max(cost.seconds(0.0, 1.0), 1e-12))
+            i_new = int(np.argmax(new_score))
+            choice = Decision(None, new[i_new], first, float(new_score[i_new]))
+        paused = _paused(curves)
         if paused:
             m, sd = self.predict(np.array([curves[i].x for i in paused]), 1.0)
             score = log_ei(m, sd, best) - np.log([max(cost.seconds(curves[i].budget, 1.0), 1e-12)
                                                   for i in paused])
             j = int(np.argmax(score))
-            if score[j] >= choice.log_score:
+            if choice is None or score[j] >= choice.log_score:
                 i = paused[j]
                 choice = Decision(i, curves[i].x, self.next_rung(curves[i].budget),
                                   float(score[j]))
         return choice
+
+    def _continue_lowest(self, curves: list[Curve]) -> Decision | None:
+        """Without a model: the paused curve with the lowest last loss, to its next rung."""
+        paused = _paused(curves)
+        if not paused:
+            return None
+        i = min(paused, key=lambda k: curves[k].values[-1] if curves[k].values else math.inf)
+        return Decision(i, curves[i].x, self.next_rung(curves[i].budget), -math.inf)
 
     def _local(self, center: np.ndarray, n: int) -> np.ndarray:
         """``n`` perturbations of ``center`` (Gaussian steps of 2-15% of the range on a random
@@ -234,3 +260,15 @@ class FreezeThaw:
         if self.is_categorical is not None:
             out[:, self.is_categorical] = center[self.is_categorical]
         return out
+
+
+def _is_tried(rows: np.ndarray, tried: np.ndarray | None) -> np.ndarray:
+    """For each row of normalized points, whether it is a configuration in ``tried``."""
+    if tried is None or not len(tried):
+        return np.zeros(len(rows), dtype=bool)
+    gap = np.abs(rows[:, None, :] - tried[None, :, :]).max(axis=2)
+    return (gap <= SAME).any(axis=1)
+
+
+def _paused(curves: list[Curve]) -> list[int]:
+    return [i for i, c in enumerate(curves) if c.state == PAUSED and c.budget < 1.0 - 1e-9]

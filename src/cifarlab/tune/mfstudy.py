@@ -5,10 +5,10 @@ How it maps onto Optuna's model, so that storage, workers and the dashboard keep
 * **A trial is one configuration**, trained at the target budget itself (the whole training
   split, the target's epochs, the same config as the target check of :mod:`.target`) in *moves*
   that stop at rungs, fractions of the target (1/9, 1/3, 1). A move continues from the trial's
-  checkpoint (:mod:`cifarlab.checkpoint`) in ``<study folder>/checkpoints/<params digest>/``,
-  removed when the trial finishes;
-  the schedule is the target's, so a trial continued rung by rung ends with the weights of one
-  that ran straight through.
+  checkpoint (:mod:`cifarlab.checkpoint`) in ``<study folder>/checkpoints/<trial number>-<params
+  digest>/``, removed when the trial finishes; the schedule is the target's, so a trial
+  continued rung by rung ends with the weights of one that ran straight through. A
+  configuration already in the study is never started again (its curve would repeat).
 * **Between moves a trial is paused**: Optuna state WAITING, its curve so far in its
   intermediate values (step = optimizer steps: every epoch's end and every move's end) and in
   the user attr ``ft`` (the same points by budget, the rung reached, and each move's budget,
@@ -67,8 +67,8 @@ from cifarlab.tune.space import SearchSpace
 from cifarlab.tune.storage import study_space
 from cifarlab.tune.target import CANDIDATE, candidates, study_base, target_config
 
-__all__ = ["FT_ATTR", "RUNGS", "FreezeThawObjective", "FreezeThawRunner", "distributions",
-           "params_key", "progress_of", "record_candidates", "snap_to_grid"]
+__all__ = ["FT_ATTR", "RUNGS", "FreezeThawObjective", "FreezeThawRunner", "checkpoint_folder",
+           "distributions", "params_key", "progress_of", "record_candidates", "snap_to_grid"]
 
 FT_ATTR = "ft"
 RUNGS = (1 / 9, 1 / 3, 1.0)
@@ -153,6 +153,15 @@ def params_key(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def checkpoint_folder(folder: Path, number: int, params: dict[str, Any]) -> Path:
+    """Where trial ``number`` keeps its paused state: a folder of its own, named by its number
+    and its parameters' digest. Two trials may hold the same parameters (two workers that start
+    the same configuration at once), and must not share a checkpoint. Trials paused by an
+    earlier cifarlab keep theirs under the digest alone; that folder is used while it exists."""
+    earlier = folder / params_key(params)
+    return earlier if earlier.is_dir() else folder / f"{number}-{params_key(params)}"
+
+
 class FreezeThawObjective(Objective):
     """One move of a trial: its config at the target budget, trained from its checkpoint to
     ``to_budget`` (set before each call), the metric reported at the optimizer step reached."""
@@ -182,7 +191,8 @@ class FreezeThawObjective(Objective):
         if self.to_budget < 1.0 - 1e-9:
             pause = max(1, math.ceil(self.to_budget * self.total_steps))
         return train(config, callbacks, data=self.data, evaluate_test=False, progress=False,
-                     checkpoint=self.folder / params_key(trial.params), pause_at_step=pause)
+                     checkpoint=checkpoint_folder(self.folder, trial.number, trial.params),
+                     pause_at_step=pause)
 
 
 class FreezeThawRunner:
@@ -194,6 +204,7 @@ class FreezeThawRunner:
         self.dists = distributions(study_space(study))
         self.gp_space = GPSpace(self.dists)
         self.worker, self.own_only = worker, own_trials_only
+        self.exhausted = False  # no move left in the space (see step)
         self.policy = FreezeThaw(
             RUNGS, lambda rng, n: self.gp_space.sample_normalized_params(n, rng),
             n_startup=n_startup, seed=seed, is_categorical=self.gp_space.is_categorical,
@@ -234,6 +245,12 @@ class FreezeThawRunner:
         """Decide and make one move; False when no move fits before ``deadline``."""
         curves, trials, cost = self.curves()
         d = self.policy.decide(curves, cost)
+        if d is None:  # a finite space, every configuration started, none paused
+            if not self.exhausted and not getattr(table, "quiet", True):
+                table.write("note: every configuration of the search space has been started "
+                            "and none is paused: no move is left.")
+            self.exhausted = True
+            return False
         start = 0.0 if d.index is None else curves[d.index].budget
         if deadline is not None and len(trials) > 0 and (
                 time.monotonic() + cost.seconds(start, d.to_budget) > deadline):
@@ -281,7 +298,8 @@ class FreezeThawRunner:
         if to_budget >= 1.0 - 1e-9:
             self.study.tell(trial, value)
             # finished: nothing will continue it (train --from-study retrains the answer)
-            shutil.rmtree(self.objective.folder / params_key(trial.params), ignore_errors=True)
+            shutil.rmtree(checkpoint_folder(self.objective.folder, trial.number, trial.params),
+                          ignore_errors=True)
         else:
             storage.set_trial_state_values(trial_id, TrialState.WAITING)
 
