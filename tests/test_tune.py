@@ -188,6 +188,37 @@ fixed: {batch_size: 32, label_smoothing: 0.0}
     assert "failed x" in out  # the summary lists the reasons
 
 
+def test_a_repeated_configuration_is_answered_from_its_earlier_trial(capsys, learnable,
+                                                                     tmp_path):
+    """Two configurations in all and five trials: samplers propose tried ones again, and every
+    trial trains with the same seed, so a repeat takes the earlier trial's result instead of
+    training again."""
+    space = tmp_path / "two.yaml"
+    space.write_text("""
+fidelity: {model: tutorial, epochs: 1, train_fraction: 1.0}
+params:
+  lr: {type: categorical, choices: [0.5, 2.0]}
+fixed: {batch_size: 32}
+""")
+    study_dir = tmp_path / "two"
+    code, out, err = call(capsys, *tune_args(learnable, study_dir, "--trials", "5",
+                                             "--sampler", "random", "--target-epochs", "1",
+                                             space=space))
+    assert code == 0, err
+    trials = open_study(study_dir).trials
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    trained = [t for t in trials if "repeat_of" not in t.user_attrs]
+    assert sorted(t.params["lr"] for t in trained) == [0.5, 2.0]
+    for t in trials:
+        if "repeat_of" in t.user_attrs:
+            twin = trials[t.user_attrs["repeat_of"]]
+            assert twin.params == t.params and twin.value == t.value
+            assert t.user_attrs["val_acc"] == twin.user_attrs["val_acc"]
+            assert "worker" in t.user_attrs and t.duration.total_seconds() < 1.0
+    assert f"[the parameters of trial {trained[0].number}: its result]" in out or (
+        f"[the parameters of trial {trained[1].number}: its result]" in out)
+
+
 def test_bad_space_fails_before_any_training(capsys, learnable, tmp_path):
     space = tmp_path / "bad.toml"
     space.write_text('[params.lr]\ntype = "float"\nlow = 5.0\nhigh = 1.0\n')

@@ -168,6 +168,7 @@ class FreezeThawObjective(Objective):
 
     kind = "ft"
     report_by_step = True
+    reuse_repeats = False  # (the policy never starts a configuration twice)
 
     def __init__(self, study: optuna.Study, data: Any, stop: StopFlag, folder: Path,
                  train_seed: int = 0, device: str = "auto",

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
 from cifarlab.callbacks import Callback, StopReason, TrainResult, TrainState
 from cifarlab.config import TrainConfig
@@ -29,7 +30,9 @@ from cifarlab.tune.space import SearchSpace
 from cifarlab.tune.storage import study_space
 from cifarlab.tune.target import is_duplicate, study_base, target_config
 
-__all__ = ["Objective", "TargetObjective", "TrialFailed", "TrialInterrupted"]
+__all__ = ["REPEAT_ATTR", "Objective", "TargetObjective", "TrialFailed", "TrialInterrupted"]
+
+REPEAT_ATTR = "repeat_of"  # user attr: the earlier trial whose result a repeated config reused
 
 
 class TrialFailed(Exception):
@@ -49,6 +52,9 @@ class Objective:
 
     kind = "trial"  # the prefix of each trial's TensorBoard folder
     report_by_step = False  # report at optimizer steps, not epochs (moves that pause anywhere)
+    # a configuration the study completed before is answered from that trial, not trained again
+    # (every trial trains with the same seed: on the CPU it would repeat its result exactly)
+    reuse_repeats = True
 
     def __init__(self, space: SearchSpace, base: TrainConfig, data: Any, stop: StopFlag,
                  train_seed: int = 0, check_every: int = 10, tensorboard: Path | None = None,
@@ -70,6 +76,16 @@ class Objective:
         except ConfigError as exc:
             return self._fail(trial, "config", str(exc), impute=True)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if self.reuse_repeats and (twin := _completed_twin(trial)) is not None:
+            # a finite space (categorical, integer, stepped parameters) runs out of new
+            # configurations, and samplers then propose tried ones (Optuna's FAQ answers them
+            # from the earlier trial, as here)
+            trial.set_user_attr(REPEAT_ATTR, twin.number)
+            for key in ("val_loss", "val_acc", "val_cal_loss", "epochs"):
+                if key in twin.user_attrs:
+                    trial.set_user_attr(key, twin.user_attrs[key])
+            assert twin.value is not None
+            return twin.value
         watch = _TrialWatch(trial, self.stop, self.check_every, self.metric,
                             self.report_by_step)
         monitor = DoctorMonitor(num_classes=len(self.data.classes))
@@ -129,11 +145,21 @@ class Objective:
         raise TrialFailed(reason)
 
 
+def _completed_twin(trial: optuna.Trial) -> FrozenTrial | None:
+    """The first completed trial of the study with ``trial``'s parameters, if any."""
+    params = trial.params
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != trial.number and t.params == params and t.value is not None:
+            return t
+    return None
+
+
 class TargetObjective(Objective):
     """A trial of the target study: the baseline or a search winner at the target budget (see
     :mod:`cifarlab.tune.target`); ``data`` is the whole training split."""
 
     kind = "target"
+    reuse_repeats = False  # (its trials hold no parameters: is_duplicate guards it)
 
     def __init__(self, study: optuna.Study, data: Any, stop: StopFlag, train_seed: int = 0,
                  device: str = "auto", tensorboard: Path | None = None):

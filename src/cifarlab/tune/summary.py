@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cifarlab.config import TrainConfig
 from cifarlab.errors import StudyError
 from cifarlab.tune.metric import study_metric
+from cifarlab.tune.objective import REPEAT_ATTR
 from cifarlab.tune.storage import open_study, study_space
 from cifarlab.tune.target import PICKED_BY, Target, answer, target_config
 
@@ -71,6 +72,8 @@ class LiveTable:
                 f"{epochs:>6} {seconds:>8.1f} {best:>9}  {params}")
         if trial.state == TrialState.FAIL:
             line += f"  [{trial.user_attrs.get('fail_reason', 'failed')}]"
+        if trial.user_attrs.get(REPEAT_ATTR) is not None:
+            line += f"  [the parameters of trial {trial.user_attrs[REPEAT_ATTR]}: its result]"
         self.write(line)
 
 
