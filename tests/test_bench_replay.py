@@ -5,13 +5,26 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-mf_replay = importlib.import_module("mf_replay")
+
+
+def _load_replay() -> ModuleType:
+    """Import the bench script with its folder on the path only while it loads: the folder
+    holds ``keras.py``, which must not hide the Keras package from the other tests."""
+    before = list(sys.path)
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("mf_replay")
+    finally:
+        sys.path[:] = before
+
+
+mf_replay = _load_replay()
 
 
 @pytest.fixture(scope="module")
