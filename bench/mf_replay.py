@@ -21,6 +21,9 @@ Methods:
 
 * ``cifarlab-mf``: :class:`cifarlab.tune.freezethaw.FreezeThaw` (learning-curve GP, expected
   improvement at the target per unit of cost; start or continue);
+* ``cifarlab-mf-gittins``: the same rule scoring a move short of the target by the Gittins
+  index of the staged run, which prices the option to stop after any rung
+  (:mod:`cifarlab.tune.gittins`; ``FreezeThaw(option=True)``);
 * ``cifarlab-mf-decay``: the same rule on the product kernel with freeze-thaw's budget kernel
   (:func:`cifarlab.tune.curves.fit_decay_curves`), to choose the kernel by measurement;
 * ``cifarlab-gp``: cifarlab's GP sampler, every trial at the target budget;
@@ -53,8 +56,8 @@ from bo_functions import _H6_A, _H6_P, _H_ALPHA
 RUNGS = (1 / 9, 1 / 3, 1.0)
 STEPS = 9  # the pruners' resource units: rungs at 1, 3, 9
 MAX_FREE = 50  # moves in a row that cost nothing (repeats of known rows) before a run ends
-METHODS = ("cifarlab-mf", "cifarlab-mf-decay", "cifarlab-gp", "tpe-hyperband", "random-asha",
-           "random-hyperband")
+METHODS = ("cifarlab-mf", "cifarlab-mf-gittins", "cifarlab-mf-decay", "cifarlab-gp",
+           "tpe-hyperband", "random-asha", "random-hyperband")
 
 
 @dataclass(frozen=True)
@@ -190,14 +193,14 @@ class Replay:
         return self.spent >= self.p.budget - 1e-9 or self.free >= MAX_FREE
 
 
-def run_freezethaw(problem: MFProblem | TabularProblem, seed: int, kernel: str = "joint"
-                   ) -> Replay:
+def run_freezethaw(problem: MFProblem | TabularProblem, seed: int, kernel: str = "joint",
+                   option: bool = False) -> Replay:
     from cifarlab.tune.freezethaw import DONE, PAUSED, CostModel, Curve, FreezeThaw
 
     r = Replay(problem)
     policy = FreezeThaw(RUNGS, lambda rng, n: rng.random_sample((n, problem.dims)),
                         n_startup=max(5, problem.dims + 2), seed=seed, kernel=kernel,
-                        progress=getattr(problem, "progress", None))
+                        progress=getattr(problem, "progress", None), option=option)
     curves: list[Curve] = []
     cost = CostModel(rate=1.0)  # the replay's seconds are budget units: no overhead to learn
     while not r.out:
@@ -259,7 +262,8 @@ def run_one(args: tuple[str, str, int]) -> tuple[str, dict[str, Any]]:
     t0 = time.perf_counter()
     p = get_problem(pname)
     if method.startswith("cifarlab-mf"):
-        r = run_freezethaw(p, seed, "decay" if method.endswith("-decay") else "joint")
+        r = run_freezethaw(p, seed, "decay" if method.endswith("-decay") else "joint",
+                           option=method.endswith("-gittins"))
     else:
         r = run_optuna(p, method, seed)
     return f"{pname}/{method}/{seed}", {"trace": r.trace, "spent": r.spent,

@@ -329,3 +329,51 @@ def test_a_studys_progress_reads_categorical_and_integer_schedule_parameters() -
     np.testing.assert_allclose(
         progress_of(space, default_config("airnet"))(rows, np.full(2, 1 / 3)),
         schedule_progress(1 / 3, np.array([0.3, 0.0]), start, np.array([1.0, 0.0])))
+
+
+# ------------------------------------------------------------------ the option to stop
+
+
+def test_the_joint_posterior_agrees_with_the_marginal_one() -> None:
+    rng = np.random.RandomState(4)
+    x, b, y = observe(rng.random_sample((12, 2)), RUNGS)
+    model = fit_curves(x, b, y, RUNGS[0])
+    assert model is not None
+    xq = rng.random_sample((7, 2))
+    budgets = np.column_stack([np.full(7, RUNGS[0]), np.full(7, 0.5), np.ones(7)])
+    mean, cov = model.joint(xq, budgets)
+    for j in range(3):
+        m, sd = model.predict(xq, budgets[:, j])
+        np.testing.assert_allclose(mean[:, j], m, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(np.sqrt(np.diagonal(cov, axis1=1, axis2=2)[:, j]), sd,
+                                   rtol=1e-6, atol=1e-9)
+    corr = cov[:, 0, 2] / np.sqrt(cov[:, 0, 0] * cov[:, 2, 2])
+    assert np.all(corr > 0) and np.all(corr <= 1 + 1e-9)  # a curve's points move together
+    assert model.noise_var > 0
+
+
+def test_a_move_short_of_the_target_is_worth_more_than_ei_per_second_to_the_end() -> None:
+    rng = np.random.RandomState(3)
+    curves = [Curve(x=x, budgets=list(RUNGS), values=[truth(x, b) for b in RUNGS], state=DONE)
+              for x in rng.random_sample((10, 2))]
+    curves += [Curve(x=x, budgets=[RUNGS[0]], values=[truth(x, RUNGS[0])], state=PAUSED)
+               for x in rng.random_sample((4, 2))]
+    with_option, without = _policy(), _policy()
+    with_option.option = True
+    assert not without.option  # the default: EI per second to the target
+    for p in (with_option, without):
+        p.fit(curves)
+    xs = np.array([c.x for c in curves[10:]])
+    best = float(with_option.predict(np.array([c.x for c in curves]), 1.0)[0].min())
+    cost = CostModel(rate=1.0)
+    for budget in (0.0, RUNGS[0]):
+        opt = with_option._log_index(xs, budget, best, cost)
+        plain = without._log_index(xs, budget, best, cost)
+        m, sd = without.predict(xs, 1.0)
+        np.testing.assert_allclose(plain, log_ei(m, sd, best) - math.log(1.0 - budget))
+        assert np.all(opt > plain)  # the option to stop after the next rung is worth something
+        first_stage = cost.seconds(budget, with_option.next_rung(budget))
+        assert np.all(opt <= log_ei(m, sd, best) - math.log(first_stage) + 1e-9)
+    # finishing a run has no option left: both score it alike
+    np.testing.assert_allclose(with_option._log_index(xs, RUNGS[1], best, cost),
+                               without._log_index(xs, RUNGS[1], best, cost))

@@ -65,6 +65,25 @@ class CurveModel:
         sd = np.sqrt(np.clip(var.numpy(), 0.0, None)) * self._y_std
         return m, sd
 
+    def joint(self, x: np.ndarray, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The joint posterior of each configuration's loss at several budgets: rows ``x``
+        (n, d) and ``budgets`` (n, k) -> mean (n, k) and covariance (n, k, k) of the noise-free
+        loss, in loss units."""
+        x = np.atleast_2d(np.asarray(x, dtype=float))
+        s = budget_coordinate(np.asarray(budgets, dtype=float).reshape(len(x), -1),
+                              self.min_budget)
+        k = s.shape[1]
+        z = torch.from_numpy(np.stack([np.column_stack([x, s[:, j]]) for j in range(k)], 1))
+        with torch.no_grad():
+            mean, cov = self._gpr.posterior(z, joint=True)
+        m = (mean.numpy().reshape(len(x), k) + self._intercept + self._slope * s) * self._y_std
+        return m + self._y_mean, cov.numpy().reshape(len(x), k, k) * self._y_std**2
+
+    @property
+    def noise_var(self) -> float:
+        """The variance of a reported loss around the model's curve, in loss units squared."""
+        return float(self._gpr.noise_var) * self._y_std**2
+
     @property
     def budget_length_scale(self) -> float:
         """How far along ``s`` (0 = smallest budget, 1 = target) a ranking carries."""
