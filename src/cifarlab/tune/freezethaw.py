@@ -131,8 +131,8 @@ class FreezeThaw:
     the option to stop after any rung (:mod:`.gittins`); by default, by expected improvement
     per second to the target, as if the run went to the end whatever it showed: measured on the
     recorded CIFAR-10 curves the index did worse (``bench/mf_replay.py``, method
-    ``cifarlab-mf-gittins``). The
-    decay kernel's model has no joint posterior here and always scores the second way."""
+    ``cifarlab-mf-gittins``). The decay kernel's model has no joint posterior here and always
+    scores the second way."""
 
     def __init__(self, rungs: tuple[float, ...], sample: Callable[[np.random.RandomState, int],
                                                                    np.ndarray],

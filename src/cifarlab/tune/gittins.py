@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from optuna._gp.acqf import standard_logei
 
-__all__ = ["log_ei", "log_ei_per_cost", "log_stage_index"]
+__all__ = ["log_ei", "log_stage_index"]
 
 _NODES = 16  # Gauss-Hermite nodes per stage: within 0.3% of the definition (10: 5%)
 _Z, _W = np.polynomial.hermite_e.hermegauss(_NODES)
@@ -90,10 +90,4 @@ def log_stage_index(mean: np.ndarray, cov: np.ndarray, best: float, costs: np.nd
 
 def _expand(v: np.ndarray, dims: int) -> np.ndarray:
     return v.reshape((-1,) + (1,) * dims)
-
-
-def log_ei_per_cost(mean: np.ndarray, sd: np.ndarray, best: float, seconds: np.ndarray
-                    ) -> np.ndarray:
-    """log(EI / seconds): the index of a run that goes to the end in one stage."""
-    return log_ei(mean, sd, best) - np.log(np.maximum(np.asarray(seconds, dtype=float), 1e-12))
 
